@@ -1,0 +1,207 @@
+"""cffi API-mode bindings: compiled against the real llama.h and chelsea.h.
+
+Run by CMake at build time (``python _ffi_build.py OUT.c``) to emit the extension's C source. Struct
+members are declared with ``...;`` so that the C compiler, not this file, fixes offsets and sizes:
+a layout drift between this file and the pinned headers is a compile error, never a silent misread.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import cffi
+
+CDEF = r"""
+typedef int32_t llama_pos;
+typedef int32_t llama_token;
+typedef int32_t llama_seq_id;
+
+struct llama_model;
+struct llama_context;
+struct llama_vocab;
+struct llama_sampler;
+typedef struct llama_memory_i * llama_memory_t;
+
+enum ggml_type { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q5_0,
+                 GGML_TYPE_Q5_1, GGML_TYPE_Q8_0, GGML_TYPE_BF16, GGML_TYPE_IQ4_NL, ... };
+enum ggml_log_level { GGML_LOG_LEVEL_NONE, GGML_LOG_LEVEL_DEBUG, GGML_LOG_LEVEL_INFO,
+                      GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR, GGML_LOG_LEVEL_CONT, ... };
+enum llama_flash_attn_type { LLAMA_FLASH_ATTN_TYPE_AUTO, LLAMA_FLASH_ATTN_TYPE_DISABLED,
+                             LLAMA_FLASH_ATTN_TYPE_ENABLED, ... };
+typedef void (*ggml_log_callback)(enum ggml_log_level level, const char * text, void * user_data);
+typedef bool (*ggml_abort_callback)(void * data);
+
+struct llama_model_params {
+    int32_t n_gpu_layers;
+    int32_t main_gpu;
+    bool vocab_only;
+    bool check_tensors;
+    ...;
+};
+
+struct llama_context_params {
+    uint32_t n_ctx;
+    uint32_t n_batch;
+    uint32_t n_ubatch;
+    uint32_t n_seq_max;
+    int32_t  n_threads;
+    int32_t  n_threads_batch;
+    enum llama_flash_attn_type flash_attn_type;
+    float    rope_freq_base;
+    float    rope_freq_scale;
+    enum ggml_type type_k;
+    enum ggml_type type_v;
+    ggml_abort_callback abort_callback;
+    void *   abort_callback_data;
+    bool embeddings;
+    bool offload_kqv;
+    bool no_perf;
+    bool swa_full;
+    bool kv_unified;
+    ...;
+};
+
+struct llama_sampler_chain_params {
+    bool no_perf;
+    ...;
+};
+
+typedef struct llama_batch {
+    int32_t n_tokens;
+    llama_token  *  token;
+    float        *  embd;
+    llama_pos    *  pos;
+    int32_t      *  n_seq_id;
+    llama_seq_id ** seq_id;
+    int8_t       *  logits;
+} llama_batch;
+
+typedef struct llama_chat_message {
+    const char * role;
+    const char * content;
+} llama_chat_message;
+
+struct llama_perf_context_data {
+    double t_start_ms;
+    double t_load_ms;
+    double t_p_eval_ms;
+    double t_eval_ms;
+    int32_t n_p_eval;
+    int32_t n_eval;
+    int32_t n_reused;
+    ...;
+};
+
+struct llama_model_params   llama_model_default_params(void);
+struct llama_context_params llama_context_default_params(void);
+struct llama_sampler_chain_params llama_sampler_chain_default_params(void);
+
+void llama_backend_init(void);
+void llama_log_set(ggml_log_callback log_callback, void * user_data);
+const char * llama_print_system_info(void);
+bool llama_supports_gpu_offload(void);
+
+struct llama_model * llama_model_load_from_file(const char * path_model, struct llama_model_params params);
+void llama_model_free(struct llama_model * model);
+struct llama_context * llama_init_from_model(struct llama_model * model, struct llama_context_params params);
+void llama_free(struct llama_context * ctx);
+
+uint32_t llama_n_ctx(const struct llama_context * ctx);
+uint32_t llama_n_batch(const struct llama_context * ctx);
+uint32_t llama_n_ubatch(const struct llama_context * ctx);
+uint32_t llama_n_seq_max(const struct llama_context * ctx);
+int32_t  llama_n_threads(struct llama_context * ctx);
+
+const struct llama_vocab * llama_model_get_vocab(const struct llama_model * model);
+int32_t llama_model_n_ctx_train(const struct llama_model * model);
+int32_t llama_model_n_embd(const struct llama_model * model);
+int32_t llama_model_n_layer(const struct llama_model * model);
+int32_t llama_model_n_head(const struct llama_model * model);
+int32_t llama_model_n_head_kv(const struct llama_model * model);
+int32_t llama_model_meta_val_str(const struct llama_model * model, const char * key, char * buf, size_t buf_size);
+int32_t llama_model_desc(const struct llama_model * model, char * buf, size_t buf_size);
+uint64_t llama_model_size(const struct llama_model * model);
+uint64_t llama_model_n_params(const struct llama_model * model);
+const char * llama_model_chat_template(const struct llama_model * model, const char * name);
+
+int32_t llama_vocab_n_tokens(const struct llama_vocab * vocab);
+bool llama_vocab_is_eog(const struct llama_vocab * vocab, llama_token token);
+llama_token llama_vocab_bos(const struct llama_vocab * vocab);
+llama_token llama_vocab_eos(const struct llama_vocab * vocab);
+bool llama_vocab_get_add_bos(const struct llama_vocab * vocab);
+
+int32_t llama_tokenize(const struct llama_vocab * vocab, const char * text, int32_t text_len,
+                       llama_token * tokens, int32_t n_tokens_max, bool add_special, bool parse_special);
+int32_t llama_token_to_piece(const struct llama_vocab * vocab, llama_token token, char * buf,
+                             int32_t length, int32_t lstrip, bool special);
+int32_t llama_detokenize(const struct llama_vocab * vocab, const llama_token * tokens, int32_t n_tokens,
+                         char * text, int32_t text_len_max, bool remove_special, bool unparse_special);
+int32_t llama_chat_apply_template(const char * tmpl, const struct llama_chat_message * chat, size_t n_msg,
+                                  bool add_ass, char * buf, int32_t length);
+
+struct llama_batch llama_batch_init(int32_t n_tokens, int32_t embd, int32_t n_seq_max);
+void llama_batch_free(struct llama_batch batch);
+int32_t llama_decode(struct llama_context * ctx, struct llama_batch batch);
+float * llama_get_logits_ith(struct llama_context * ctx, int32_t i);
+void llama_synchronize(struct llama_context * ctx);
+
+llama_memory_t llama_get_memory(const struct llama_context * ctx);
+void llama_memory_clear(llama_memory_t mem, bool data);
+bool llama_memory_seq_rm(llama_memory_t mem, llama_seq_id seq_id, llama_pos p0, llama_pos p1);
+llama_pos llama_memory_seq_pos_min(llama_memory_t mem, llama_seq_id seq_id);
+llama_pos llama_memory_seq_pos_max(llama_memory_t mem, llama_seq_id seq_id);
+
+struct llama_sampler * llama_sampler_chain_init(struct llama_sampler_chain_params params);
+void llama_sampler_chain_add(struct llama_sampler * chain, struct llama_sampler * smpl);
+struct llama_sampler * llama_sampler_init_greedy(void);
+struct llama_sampler * llama_sampler_init_dist(uint32_t seed);
+struct llama_sampler * llama_sampler_init_top_k(int32_t k);
+struct llama_sampler * llama_sampler_init_top_p(float p, size_t min_keep);
+struct llama_sampler * llama_sampler_init_min_p(float p, size_t min_keep);
+struct llama_sampler * llama_sampler_init_temp(float t);
+struct llama_sampler * llama_sampler_init_penalties(int32_t n_vocab, int32_t penalty_last_n, float penalty_repeat,
+                                                    float penalty_freq, float penalty_present);
+llama_token llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx);
+void llama_sampler_accept(struct llama_sampler * smpl, llama_token token);
+void llama_sampler_free(struct llama_sampler * smpl);
+
+struct llama_perf_context_data llama_perf_context(const struct llama_context * ctx);
+void llama_perf_context_reset(struct llama_context * ctx);
+
+/* chelsea.h */
+struct chelsea_kv_stats {
+    int32_t  n_caches;
+    int32_t  n_layers;
+    uint32_t n_stream;
+    uint32_t n_cells;
+    uint32_t n_cells_used;
+    uint32_t n_cells_span;
+    uint64_t k_bytes;
+    uint64_t v_bytes;
+    uint64_t buffer_bytes;
+    int32_t  type_k;
+    int32_t  type_v;
+};
+int32_t chelsea_kv_stats_get(const struct llama_context * ctx, struct chelsea_kv_stats * out);
+int64_t chelsea_kv_seq_tokens(const struct llama_context * ctx, llama_seq_id seq_id);
+
+extern "Python" void chelsea_log_callback(enum ggml_log_level, const char *, void *);
+"""
+
+SOURCE = r"""
+#include "llama.h"
+#include "chelsea.h"
+"""
+
+
+def make_builder() -> cffi.FFI:
+    ffi = cffi.FFI()
+    ffi.cdef(CDEF)
+    ffi.set_source("chelsea_gguf._chelsea_native", SOURCE)
+    return ffi
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: _ffi_build.py OUTPUT.c")
+    make_builder().emit_c_code(sys.argv[1])

@@ -1,0 +1,168 @@
+"""``chelsea-run``: one-shot completion or interactive chat, with llama.cpp's flag conventions.
+
+Generated text goes to stdout; the model line and the performance summary go to stderr, so
+``chelsea-run -p ... > out.txt`` captures only the text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+from chelsea_gguf.kv import MIB
+from chelsea_gguf.llama import Llama, Timings
+from chelsea_gguf.models import ModelFetchError
+from chelsea_gguf.options import FLASH_ATTN_MODES, KV_CACHE_TYPES, parse_context_size
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(2, f"chelsea-run: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="chelsea-run", description="Run a GGUF model with llama.cpp (chelsea-gguf).")
+    p.add_argument("model", nargs="?", help="GGUF file, or a known name (smollm2, gemma3-270m); "
+                   "default: SmolLM2-135M-Instruct Q4_1")
+    p.add_argument("-m", "--model", dest="model_opt", metavar="FILE", help="GGUF file (same as the positional)")
+    p.add_argument("-c", "--ctx", "--ctx-size", dest="ctx", default="4k", metavar="N",
+                   help="context size in tokens: 4096, 8k, 64k; 0 = the model's training context (default 4k)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("-p", "--prompt", help="prompt text (raw completion)")
+    src.add_argument("-f", "--file", metavar="FILE", help="read the prompt from a file")
+    p.add_argument("--chat", action="store_true", help="interactive chat on stdin using the model's chat template")
+    p.add_argument("-sys", "--system", metavar="TEXT", help="system message for --chat")
+    p.add_argument("-n", "--n-predict", dest="n_predict", type=int, default=128, metavar="N",
+                   help="tokens to generate; -1 = until end of text or a full context (default 128)")
+    p.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=512, metavar="N")
+    p.add_argument("-ub", "--ubatch-size", dest="ubatch_size", type=int, default=512, metavar="N")
+    p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, default=0, metavar="N")
+    p.add_argument("-fa", "--flash-attn", dest="flash_attn", default="off", choices=sorted(FLASH_ATTN_MODES),
+                   help="flash attention (default off)")
+    p.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", default="f16", choices=list(KV_CACHE_TYPES),
+                   metavar="TYPE", help=f"K cache type: {', '.join(KV_CACHE_TYPES)} (default f16)")
+    p.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", default="f16", choices=list(KV_CACHE_TYPES),
+                   metavar="TYPE", help="V cache type (default f16)")
+    p.add_argument("-t", "--threads", type=int, default=None, metavar="N", help="threads (default: all CPUs)")
+    p.add_argument("-s", "--seed", type=int, default=0xFFFFFFFF, metavar="N", help="RNG seed (default random)")
+    p.add_argument("--temp", type=float, default=0.8, help="temperature; 0 = greedy (default 0.8)")
+    p.add_argument("--top-k", dest="top_k", type=int, default=40)
+    p.add_argument("--top-p", dest="top_p", type=float, default=0.95)
+    p.add_argument("--min-p", dest="min_p", type=float, default=0.05)
+    p.add_argument("--repeat-penalty", dest="repeat_penalty", type=float, default=1.0)
+    p.add_argument("--no-display-prompt", dest="display_prompt", action="store_false",
+                   help="do not echo the prompt before the generated text")
+    p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
+    return p
+
+
+def format_summary(llm: Llama, timings: Timings) -> str:
+    kv = llm.kv_stats()
+    lines = [
+        f"kv cache   : {kv.kv_mib:8.2f} MiB  (K {kv.type_k} {kv.k_bytes / MIB:.2f} MiB, "
+        f"V {kv.type_v} {kv.v_bytes / MIB:.2f} MiB), {kv.n_cells} cells, {kv.n_cells_used} used, "
+        f"{kv.tokens} tokens",
+        f"prompt eval: {timings.prompt_ms:10.2f} ms / {timings.prompt_tokens:5d} tokens "
+        f"({timings.prompt_tok_per_s:8.2f} tokens per second)",
+        f"eval       : {timings.generation_ms:10.2f} ms / {timings.generated_tokens:5d} tokens "
+        f"({timings.generation_tok_per_s:8.2f} tokens per second)",
+    ]
+    return "\n".join(lines)
+
+
+def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"temperature": args.temp, "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+            "repeat_penalty": args.repeat_penalty, "seed": args.seed,
+            "max_tokens": None if args.n_predict < 0 else args.n_predict}
+
+
+def run_completion(llm: Llama, prompt: str, args: argparse.Namespace, out: TextIO) -> None:
+    if args.display_prompt:
+        out.write(prompt)
+        out.flush()
+    for chunk in llm.create_completion(prompt, stream=True, **_sampling_kwargs(args)):
+        out.write(chunk["choices"][0]["text"])
+        out.flush()
+    out.write("\n")
+    out.flush()
+
+
+def run_chat(llm: Llama, args: argparse.Namespace, inp: TextIO, out: TextIO) -> None:
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    interactive = inp.isatty()
+    while True:
+        if interactive:
+            out.write("> ")
+            out.flush()
+        line = inp.readline()
+        if not line:
+            break
+        line = line.rstrip("\n")
+        if not line.strip():
+            continue
+        if line.strip() in ("/exit", "/quit"):
+            break
+        messages.append({"role": "user", "content": line})
+        reply = ""
+        for chunk in llm.create_chat_completion(messages, stream=True, **_sampling_kwargs(args)):
+            piece = chunk["choices"][0]["delta"].get("content", "")
+            reply += piece
+            out.write(piece)
+            out.flush()
+        out.write("\n")
+        out.flush()
+        messages.append({"role": "assistant", "content": reply})
+        print(format_summary(llm, llm.last_timings), file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model and args.model_opt:
+        parser.error("give the model once: either positionally or with -m")
+    model = args.model_opt or args.model
+    try:
+        n_ctx = parse_context_size(args.ctx, "--ctx")
+    except ValueError as e:
+        parser.error(str(e))
+    if not args.chat and args.prompt is None and args.file is None:
+        parser.error("nothing to do: give a prompt with -p TEXT or -f FILE, or use --chat")
+    prompt = args.prompt
+    if args.file is not None:
+        try:
+            prompt = Path(args.file).read_text(encoding="utf-8")
+        except OSError as e:
+            parser.error(f"-f {args.file}: {e.strerror or e}")
+    try:
+        llm = Llama(model, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
+                    n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
+                    type_k=args.cache_type_k, type_v=args.cache_type_v, seed=args.seed, verbose=args.verbose)
+    except (FileNotFoundError, ValueError, ModelFetchError) as e:
+        print(f"chelsea-run: error: {e}", file=sys.stderr)
+        return 1
+    with llm:
+        print(f"chelsea-run: model {Path(llm.model_path).name} ({llm.model_description()}), "
+              f"n_ctx {llm.n_ctx()}", file=sys.stderr)
+        try:
+            if args.chat:
+                run_chat(llm, args, sys.stdin, sys.stdout)
+            else:
+                assert prompt is not None
+                run_completion(llm, prompt, args, sys.stdout)
+                print(format_summary(llm, llm.last_timings), file=sys.stderr)
+        except ValueError as e:
+            print(f"chelsea-run: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

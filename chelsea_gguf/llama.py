@@ -1,0 +1,515 @@
+"""``Llama``: a high-level model + context, following llama-cpp-python's API where the two overlap."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+from chelsea_gguf import _lib
+from chelsea_gguf._lib import ffi, lib
+from chelsea_gguf.chat import format_chat_prompt
+from chelsea_gguf.kv import KVStats, read_kv_stats
+from chelsea_gguf.models import resolve_model
+from chelsea_gguf.options import parse_context_size, parse_flash_attn, parse_kv_type, require_int
+from chelsea_gguf.sampling import DEFAULT_SEED, Sampler, SamplingParams
+from chelsea_gguf.text import StopScanner
+
+GGUF_MAGIC = b"GGUF"
+
+PromptType = Union[str, bytes, Sequence[int]]
+
+
+@dataclass
+class Timings:
+    """Token counts and wall time of the last completion, split the way llama.cpp reports them."""
+
+    prompt_tokens: int = 0      # tokens actually evaluated for the prompt (after prefix reuse)
+    prompt_ms: float = 0.0
+    generated_tokens: int = 0   # tokens decoded after the prompt
+    generation_ms: float = 0.0
+    stop_reason: str = ""       # "eog", "max_tokens" or "context_full" once generation ended
+
+    @property
+    def prompt_tok_per_s(self) -> float:
+        return self.prompt_tokens / (self.prompt_ms / 1000.0) if self.prompt_ms > 0 else 0.0
+
+    @property
+    def generation_tok_per_s(self) -> float:
+        return self.generated_tokens / (self.generation_ms / 1000.0) if self.generation_ms > 0 else 0.0
+
+
+def default_thread_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_model_file(path: Path) -> None:
+    """Fail early, and with the path in the message, on what llama.cpp would only log."""
+    if not path.exists():
+        raise FileNotFoundError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ValueError(f"model path is a directory, not a GGUF file: {path}")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"not a GGUF file (bad magic {magic!r}): {path}")
+
+
+class Llama:
+    """A GGUF model with one llama.cpp context.
+
+    Keyword names and defaults follow ``llama_cpp.Llama``. ``model_path=None`` uses the default model
+    (SmolLM2-135M-Instruct Q4_1); a known model name such as ``"gemma3-270m"`` fetches that model.
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        *,
+        n_gpu_layers: int = 0,
+        seed: int = DEFAULT_SEED,
+        n_ctx: int | str = 512,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        n_threads: int | None = None,
+        n_threads_batch: int | None = None,
+        flash_attn: bool | str = False,
+        type_k: int | str | None = None,
+        type_v: int | str | None = None,
+        chat_format: str | None = None,
+        verbose: bool = True,
+    ) -> None:
+        self._model = ffi.NULL
+        self._ctx = ffi.NULL
+        self._batch = None
+        self._verbose = False
+
+        n_ctx_value = parse_context_size(n_ctx, "n_ctx")
+        require_int("n_batch", n_batch, 1)
+        require_int("n_ubatch", n_ubatch, 1)
+        require_int("n_gpu_layers", n_gpu_layers, -1)
+        require_int("seed", seed, 0, 0xFFFFFFFF)
+        threads = default_thread_count() if n_threads is None else require_int("n_threads", n_threads, 1, 1024)
+        threads_batch = threads if n_threads_batch is None else require_int("n_threads_batch", n_threads_batch, 1, 1024)
+        flash_attn_type = parse_flash_attn(flash_attn)
+        kv_type_k = parse_kv_type(type_k, "type_k")
+        kv_type_v = parse_kv_type(type_v, "type_v")
+        if chat_format is not None and not isinstance(chat_format, str):
+            raise ValueError(f"chat_format: expected a template name such as 'chatml', got {chat_format!r}")
+
+        path = resolve_model(model_path)
+        check_model_file(path)
+        self.model_path = str(path)
+        self.seed = seed
+        self.chat_format = chat_format
+        self.verbose = bool(verbose)
+        if self.verbose:
+            _lib.set_verbose(True)
+            self._verbose = True
+
+        mparams = lib.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        _lib.clear_recent_errors()
+        self._model = lib.llama_model_load_from_file(str(path).encode(), mparams)
+        if self._model == ffi.NULL:
+            reason = "; ".join(_lib.recent_errors()[-3:]) or "llama.cpp could not load it"
+            raise ValueError(f"failed to load model from {path}: {reason}")
+        self._vocab = lib.llama_model_get_vocab(self._model)
+        self._n_vocab = lib.llama_vocab_n_tokens(self._vocab)
+
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = n_ctx_value
+        if n_ctx_value == 0:
+            n_ctx_value = lib.llama_model_n_ctx_train(self._model)
+        cparams.n_batch = min(n_batch, n_ctx_value)
+        cparams.n_ubatch = min(n_ubatch, cparams.n_batch)
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads_batch
+        cparams.flash_attn_type = flash_attn_type
+        if kv_type_k is not None:
+            cparams.type_k = kv_type_k
+        if kv_type_v is not None:
+            cparams.type_v = kv_type_v
+        _lib.clear_recent_errors()
+        self._ctx = lib.llama_init_from_model(self._model, cparams)
+        if self._ctx == ffi.NULL:
+            reason = "; ".join(_lib.recent_errors()[-3:]) or "llama.cpp could not create it"
+            self.close()
+            raise ValueError(f"failed to create a context (n_ctx={n_ctx_value}, type_k={type_k}, "
+                             f"type_v={type_v}, flash_attn={flash_attn}): {reason}")
+        self.n_batch = int(lib.llama_n_batch(self._ctx))
+        self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self._tokens: list[int] = []
+        self.last_timings = Timings()
+
+    # ------------------------------------------------------------------ lifetime
+
+    def close(self) -> None:
+        """Free the context and the model. Safe to call more than once."""
+        if self._batch is not None:
+            lib.llama_batch_free(self._batch)
+            self._batch = None
+        if self._ctx != ffi.NULL:
+            lib.llama_free(self._ctx)
+            self._ctx = ffi.NULL
+        if self._model != ffi.NULL:
+            lib.llama_model_free(self._model)
+            self._model = ffi.NULL
+        if self._verbose:
+            _lib.set_verbose(False)
+            self._verbose = False
+
+    def __enter__(self) -> "Llama":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def _require_open(self) -> None:
+        if self._ctx == ffi.NULL:
+            raise RuntimeError("this Llama has been closed")
+
+    # ------------------------------------------------------------------ model facts
+
+    def n_ctx(self) -> int:
+        self._require_open()
+        return int(lib.llama_n_ctx(self._ctx))
+
+    def n_vocab(self) -> int:
+        return int(self._n_vocab)
+
+    def n_ctx_train(self) -> int:
+        self._require_open()
+        return int(lib.llama_model_n_ctx_train(self._model))
+
+    def token_bos(self) -> int:
+        return int(lib.llama_vocab_bos(self._vocab))
+
+    def token_eos(self) -> int:
+        return int(lib.llama_vocab_eos(self._vocab))
+
+    def metadata(self, key: str) -> str | None:
+        self._require_open()
+        buf = ffi.new("char[]", 4096)
+        n = lib.llama_model_meta_val_str(self._model, key.encode(), buf, 4096)
+        return None if n < 0 else ffi.string(buf).decode("utf-8", errors="replace")
+
+    def model_description(self) -> str:
+        self._require_open()
+        buf = ffi.new("char[]", 256)
+        lib.llama_model_desc(self._model, buf, 256)
+        return ffi.string(buf).decode("utf-8", errors="replace")
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens of sequence 0 currently in the context."""
+        return len(self._tokens)
+
+    # ------------------------------------------------------------------ tokens
+
+    def tokenize(self, text: bytes | str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Text -> tokens. ``add_bos`` adds the model's BOS (if it uses one); ``special`` parses
+        special tokens such as ``<|im_start|>`` instead of treating them as text."""
+        self._require_open()
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        n_max = len(data) + 8
+        buf = ffi.new("llama_token[]", n_max)
+        n = lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
+        if n < 0:
+            n_max = -n
+            buf = ffi.new("llama_token[]", n_max)
+            n = lib.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_bos, special)
+        if n < 0:
+            raise ValueError(f"tokenization failed for a text of {len(data)} bytes")
+        return list(buf[0:n])
+
+    def detokenize(self, tokens: Sequence[int], prev_tokens: Sequence[int] | None = None,
+                   special: bool = False) -> bytes:
+        """Tokens -> UTF-8 bytes (``prev_tokens`` is accepted for llama-cpp-python compatibility)."""
+        self._require_open()
+        return b"".join(self._token_piece(t, special) for t in tokens)
+
+    def _token_piece(self, token: int, special: bool = False) -> bytes:
+        buf = ffi.new("char[]", 64)
+        n = lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
+        if n < 0:
+            buf = ffi.new("char[]", -n)
+            n = lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
+        return ffi.unpack(buf, n) if n > 0 else b""
+
+    # ------------------------------------------------------------------ evaluation
+
+    def reset(self) -> None:
+        """Forget every token of the context."""
+        self._require_open()
+        lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+        self._tokens = []
+
+    def _check_token_ids(self, tokens: Sequence[int]) -> None:
+        for t in tokens:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self._n_vocab:
+                raise ValueError(f"prompt: token id {t!r} is out of range (0 .. {self._n_vocab - 1})")
+
+    def _reuse_prefix(self, tokens: Sequence[int]) -> int:
+        """Keep the cached tokens shared with the new prompt; return how many are kept."""
+        common = 0
+        for a, b in zip(self._tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        # the last prompt token is always evaluated again: its logits start the generation
+        common = min(common, len(tokens) - 1)
+        if common < len(self._tokens):
+            if not lib.llama_memory_seq_rm(lib.llama_get_memory(self._ctx), 0, common, -1):
+                self.reset()
+                return 0
+            del self._tokens[common:]
+        return common
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """Append tokens to sequence 0, ``n_batch`` at a time; logits are kept for the last one."""
+        self._require_open()
+        n_ctx = self.n_ctx()
+        if len(self._tokens) + len(tokens) > n_ctx:
+            raise ValueError(f"{len(self._tokens) + len(tokens)} tokens do not fit in the context "
+                             f"(n_ctx={n_ctx})")
+        batch = self._batch
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start:start + self.n_batch]
+            last_chunk = start + self.n_batch >= len(tokens)
+            base = len(self._tokens)
+            for i, tok in enumerate(chunk):
+                batch.token[i] = tok
+                batch.pos[i] = base + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1 if (last_chunk and i == len(chunk) - 1) else 0
+            batch.n_tokens = len(chunk)
+            rc = lib.llama_decode(self._ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode failed with code {rc} at position {base} "
+                                   f"(n_ctx={n_ctx}): " + "; ".join(_lib.recent_errors()[-2:]))
+            self._tokens.extend(chunk)
+
+    # ------------------------------------------------------------------ completion
+
+    def _prompt_tokens(self, prompt: PromptType, add_bos: bool = True, special: bool = False) -> list[int]:
+        if isinstance(prompt, (str, bytes)):
+            tokens = self.tokenize(prompt, add_bos=add_bos, special=special)
+        else:
+            tokens = list(prompt)
+            self._check_token_ids(tokens)
+        if not tokens:
+            tokens = [self.token_bos()] if self.token_bos() >= 0 else []
+        if not tokens:
+            raise ValueError("prompt: empty prompt and the model has no BOS token to start from")
+        n_ctx = self.n_ctx()
+        if len(tokens) > n_ctx:
+            raise ValueError(f"prompt is {len(tokens)} tokens, longer than the context (n_ctx={n_ctx})")
+        return tokens
+
+    def generate_tokens(self, prompt_tokens: Sequence[int], sampling: SamplingParams,
+                        max_tokens: int) -> Iterator[int]:
+        """Evaluate the prompt (reusing the cached prefix) and yield sampled tokens until an
+        end-of-generation token, ``max_tokens`` or a full context."""
+        self._require_open()
+        timings = Timings()
+        self.last_timings = timings
+        sampler = Sampler(sampling, self._n_vocab)
+        try:
+            t0 = time.perf_counter()
+            kept = self._reuse_prefix(prompt_tokens)
+            self.eval(prompt_tokens[kept:])
+            if sampler.uses_history:
+                for t in prompt_tokens[-64:]:
+                    sampler.accept(t)
+            token = sampler.sample(self._ctx)
+            t1 = time.perf_counter()
+            timings.prompt_tokens = len(prompt_tokens) - kept
+            timings.prompt_ms = (t1 - t0) * 1000.0
+            produced = 0
+            while True:
+                if lib.llama_vocab_is_eog(self._vocab, token):
+                    timings.stop_reason = "eog"
+                    return
+                yield token
+                produced += 1
+                if produced >= max_tokens:
+                    timings.stop_reason = "max_tokens"
+                    return
+                if len(self._tokens) >= self.n_ctx():
+                    timings.stop_reason = "context_full"
+                    return
+                self.eval([token])
+                token = sampler.sample(self._ctx)
+                timings.generated_tokens += 1
+                timings.generation_ms = (time.perf_counter() - t1) * 1000.0
+        finally:
+            sampler.close()
+
+    def create_completion(
+        self,
+        prompt: PromptType,
+        suffix: str | None = None,
+        max_tokens: int | None = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        echo: bool = False,
+        stop: str | list[str] | None = None,
+        repeat_penalty: float = 1.0,
+        top_k: int = 40,
+        stream: bool = False,
+        seed: int | None = None,
+        **unsupported: Any,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """OpenAI-style text completion; ``stream=True`` returns an iterator of chunks."""
+        self._require_open()
+        if suffix is not None:
+            raise ValueError("suffix: infill prompts are not supported")
+        reject_unsupported(unsupported)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                  repeat_penalty=repeat_penalty,
+                                  seed=self.seed if seed is None else seed).validated()
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)):
+            raise ValueError(f"max_tokens: expected an integer or None, got {max_tokens!r}")
+        prompt_tokens = self._prompt_tokens(prompt)
+        room = self.n_ctx() - len(prompt_tokens)
+        limit = room if max_tokens is None or max_tokens <= 0 else min(max_tokens, room)
+        prefix = self.detokenize(prompt_tokens).decode("utf-8", errors="replace") if echo else ""
+        chunks = self._completion_chunks(prompt_tokens, sampling, limit, stops, prefix)
+        if stream:
+            return chunks
+        text, finish = "", None
+        for chunk in chunks:
+            text += chunk["choices"][0]["text"]
+            finish = chunk["choices"][0]["finish_reason"] or finish
+            last = chunk
+        result = dict(last)
+        result["choices"] = [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]
+        return result
+
+    __call__ = create_completion
+
+    def _completion_chunks(self, prompt_tokens: list[int], sampling: SamplingParams, limit: int,
+                           stops: list[str], prefix: str) -> Iterator[dict[str, Any]]:
+        completion_id = f"cmpl-{uuid.uuid4()}"
+        created = int(time.time())
+        scanner = StopScanner(stops)
+        n_generated = 0
+
+        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+            out: dict[str, Any] = {
+                "id": completion_id, "object": "text_completion", "created": created, "model": self.model_path,
+                "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}],
+            }
+            if finish is not None:
+                out["usage"] = {"prompt_tokens": len(prompt_tokens), "completion_tokens": n_generated,
+                                "total_tokens": len(prompt_tokens) + n_generated}
+            return out
+
+        if prefix:
+            yield chunk(prefix, None)
+        finish = "length"
+        gen = self.generate_tokens(prompt_tokens, sampling, limit)
+        for token in gen:
+            n_generated += 1
+            text = scanner.feed(self._token_piece(token))
+            if text:
+                yield chunk(text, None)
+            if scanner.stopped:
+                gen.close()
+                break
+        if scanner.stopped or self.last_timings.stop_reason == "eog":
+            finish = "stop"
+        yield chunk(scanner.flush(), finish)
+
+    # ------------------------------------------------------------------ chat
+
+    def create_chat_completion(
+        self,
+        messages: list[dict[str, Any]],
+        temperature: float = 0.2,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        min_p: float = 0.05,
+        stream: bool = False,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        max_tokens: int | None = None,
+        repeat_penalty: float = 1.0,
+        **unsupported: Any,
+    ) -> dict[str, Any] | Iterator[dict[str, Any]]:
+        """OpenAI-style chat completion using the model's chat template (or ``chat_format``)."""
+        self._require_open()
+        reject_unsupported(unsupported)
+        prompt = format_chat_prompt(self._model, messages, self.chat_format)
+        tokens = self.tokenize(prompt, add_bos=True, special=True)
+        completion = self.create_completion(
+            tokens, max_tokens=max_tokens, temperature=temperature, top_p=top_p, min_p=min_p, stop=stop,
+            repeat_penalty=repeat_penalty, top_k=top_k, stream=stream, seed=seed)
+        if stream:
+            return _chat_chunks(completion)  # type: ignore[arg-type]
+        choice = completion["choices"][0]  # type: ignore[index]
+        return {
+            "id": "chat" + completion["id"], "object": "chat.completion",  # type: ignore[index]
+            "created": completion["created"], "model": self.model_path,  # type: ignore[index]
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": choice["text"]},
+                         "logprobs": None, "finish_reason": choice["finish_reason"]}],
+            "usage": completion["usage"],  # type: ignore[index]
+        }
+
+    # ------------------------------------------------------------------ KV cache
+
+    def kv_stats(self) -> KVStats:
+        """Cells, tokens represented and real K/V allocation of this context's KV cache."""
+        self._require_open()
+        return read_kv_stats(self._ctx, 0)
+
+
+def _chat_chunks(chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    first = True
+    for c in chunks:
+        choice = c["choices"][0]
+        delta: dict[str, str] = {}
+        if first:
+            delta["role"] = "assistant"
+            first = False
+        if choice["text"]:
+            delta["content"] = choice["text"]
+        out = {"id": "chat" + c["id"], "object": "chat.completion.chunk", "created": c["created"],
+               "model": c["model"],
+               "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": choice["finish_reason"]}]}
+        if "usage" in c:
+            out["usage"] = c["usage"]
+        yield out
+
+
+# llama-cpp-python keywords accepted when they ask for nothing this class does not do
+_NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "typical_p": (1.0,), "tfs_z": (1.0,),
+    "mirostat_mode": (0,), "grammar": (None,), "logit_bias": (None, {}), "stopping_criteria": (None,),
+    "logits_processor": (None,), "functions": (None, []), "function_call": (None,), "tools": (None, []),
+    "tool_choice": (None,), "response_format": (None,), "frequency_penalty": (0.0,), "presence_penalty": (0.0,),
+}
+_ANY_VALUE = {"model", "mirostat_tau", "mirostat_eta", "user", "n"}
+
+
+def reject_unsupported(extra: dict[str, Any]) -> None:
+    for name, value in extra.items():
+        if name in _ANY_VALUE and (name != "n" or value in (None, 1)):
+            continue
+        if name in _NEUTRAL_VALUES and value in _NEUTRAL_VALUES[name]:
+            continue
+        raise ValueError(f"{name}={value!r}: not supported by chelsea_gguf.Llama")

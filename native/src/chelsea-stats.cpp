@@ -1,0 +1,77 @@
+// KV-cache statistics for chelsea_kv_stats_get / chelsea_kv_seq_tokens.
+
+#include "chelsea.h"
+
+#include "llama-kv-cache.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-memory-hybrid.h"
+
+#include <vector>
+
+namespace {
+
+// The attention caches behind a context's memory, full-attention cache first.
+std::vector<const llama_kv_cache *> attention_caches(const llama_context * ctx) {
+    std::vector<const llama_kv_cache *> res;
+    llama_memory_i * mem = llama_get_memory(ctx);
+    if (mem == nullptr) {
+        return res;
+    }
+    if (auto * kv = dynamic_cast<const llama_kv_cache *>(mem)) {
+        res.push_back(kv);
+    } else if (auto * iswa = dynamic_cast<const llama_kv_cache_iswa *>(mem)) {
+        res.push_back(iswa->get_base());
+        res.push_back(iswa->get_swa());
+    } else if (auto * hybrid = dynamic_cast<const llama_memory_hybrid *>(mem)) {
+        res.push_back(hybrid->get_mem_attn());
+    }
+    return res;
+}
+
+} // namespace
+
+int32_t chelsea_kv_stats_get(const llama_context * ctx, chelsea_kv_stats * out) {
+    if (ctx == nullptr || out == nullptr) {
+        return -1;
+    }
+    *out = {};
+    out->type_k = -1;
+    out->type_v = -1;
+    for (const llama_kv_cache * kv : attention_caches(ctx)) {
+        if (kv == nullptr) {
+            continue;
+        }
+        if (out->n_caches == 0) {
+            out->n_stream = kv->get_n_stream();
+            out->type_k   = kv->type_k();
+            out->type_v   = kv->type_v();
+        }
+        out->n_caches     += 1;
+        out->n_layers     += (int32_t) kv->get_layer_ids().size();
+        out->k_bytes      += kv->chelsea_size_k_bytes();
+        out->v_bytes      += kv->chelsea_size_v_bytes();
+        out->buffer_bytes += kv->chelsea_total_size();
+        out->n_cells      += kv->get_size() * kv->get_n_stream();
+        // get_cells() is indexed by sequence; visit each stream once through its first sequence
+        std::vector<bool> seen(kv->get_n_stream(), false);
+        for (uint32_t s = 0; s < kv->get_n_seq_max(); ++s) {
+            const uint32_t strm = kv->get_stream((llama_seq_id) s);
+            if (strm >= seen.size() || seen[strm]) {
+                continue;
+            }
+            seen[strm] = true;
+            const llama_kv_cells & cells = kv->get_cells((llama_seq_id) s);
+            out->n_cells_used += cells.get_used();
+            out->n_cells_span += cells.used_max_p1();
+        }
+    }
+    return 0;
+}
+
+int64_t chelsea_kv_seq_tokens(const llama_context * ctx, llama_seq_id seq_id) {
+    const auto caches = attention_caches(ctx);
+    if (caches.empty() || caches[0] == nullptr || seq_id < 0 || (uint32_t) seq_id >= caches[0]->get_n_seq_max()) {
+        return -1;
+    }
+    return (int64_t) caches[0]->get_cells(seq_id).seq_pos_get(seq_id).size();
+}
