@@ -8,6 +8,14 @@ from chelsea_gguf._lib import ffi, lib
 
 ROLES = {"system", "user", "assistant", "tool", "developer"}
 FALLBACK_TEMPLATE = "chatml"
+# models whose GGUF carries no template get their family's built-in one
+TEMPLATE_BY_ARCH = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma"}
+
+
+def _architecture(model: object) -> str:
+    buf = ffi.new("char[]", 64)
+    n = lib.llama_model_meta_val_str(model, b"general.architecture", buf, 64)
+    return ffi.string(buf).decode() if n >= 0 else ""
 
 
 def message_text(message: dict[str, Any], index: int) -> str:
@@ -48,7 +56,10 @@ def format_chat_prompt(model: object, messages: list[dict[str, Any]], chat_forma
         template = chat_format.encode()
     else:
         builtin = lib.llama_model_chat_template(model, ffi.NULL)
-        template = ffi.string(builtin) if builtin != ffi.NULL else FALLBACK_TEMPLATE.encode()
+        if builtin != ffi.NULL:
+            template = ffi.string(builtin)
+        else:
+            template = TEMPLATE_BY_ARCH.get(_architecture(model), FALLBACK_TEMPLATE).encode()
     size = 2 * sum(len(ffi.string(t)) for t in texts) + 1024
     buf = ffi.new("char[]", size)
     n = lib.llama_chat_apply_template(template, chat, len(messages), True, buf, size)

@@ -3,6 +3,7 @@ and re-laying the tree rewrites only what changed (so rebuilds stay incremental)
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import subprocess
@@ -24,17 +25,11 @@ def load_script():
 
 
 def make_patch(tmp: Path, name: str, rel: str, old: str, new: str) -> Path:
-    a, b = tmp / "pa" / rel, tmp / "pb" / rel
-    a.parent.mkdir(parents=True, exist_ok=True)
-    b.parent.mkdir(parents=True, exist_ok=True)
-    a.write_text(old)
-    b.write_text(new)
-    diff = subprocess.run(["git", "diff", "--no-index", "--no-prefix", str(a), str(b)], capture_output=True, text=True)
-    body = diff.stdout.replace(f"--- {a}", f"--- a/{rel}").replace(f"+++ {b}", f"+++ b/{rel}")
-    body = "\n".join(line for line in body.splitlines() if not line.startswith(("diff --git", "index "))) + "\n"
+    lines = difflib.unified_diff(old.splitlines(keepends=True), new.splitlines(keepends=True),
+                                 fromfile=f"a/{rel}", tofile=f"b/{rel}")
     patch = tmp / "patches" / name
     patch.parent.mkdir(exist_ok=True)
-    patch.write_text(body)
+    patch.write_text("".join(lines))
     return patch
 
 

@@ -68,6 +68,6 @@ def test_missing_model_is_named() -> None:
 
 
 def test_prompt_longer_than_context_is_reported(model_path: Path) -> None:
-    proc = run_cli(str(model_path), "-c", "64", "-p", "word " * 200, "-n", "4")
+    proc = run_cli(str(model_path), "-c", "256", "-p", "word " * 600, "-n", "4")
     assert proc.returncode == 1
-    assert "n_ctx=64" in proc.stderr
+    assert "n_ctx=256" in proc.stderr

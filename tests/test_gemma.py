@@ -1,0 +1,39 @@
+"""The second real model: Gemma-3-270M, a sliding-window (SWA) model with two attention caches."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from chelsea_gguf import Llama
+from chelsea_gguf.chat import format_chat_prompt
+from chelsea_gguf.models import gemma3_270m_path
+
+
+@pytest.fixture(scope="module")
+def gemma() -> Iterator[Llama]:
+    with Llama(str(gemma3_270m_path()), n_ctx=1024, verbose=False, seed=7) as model:
+        yield model
+
+
+def test_gemma_has_swa_and_full_caches(gemma: Llama) -> None:
+    stats = gemma.kv_stats()
+    assert stats.n_caches == 2
+    assert stats.n_layers == 18
+    assert gemma.metadata("general.architecture") == "gemma3"
+
+
+def test_gemma_generates_deterministically(gemma: Llama) -> None:
+    prompt = "The first three planets from the Sun are Mercury, Venus and"
+    a = gemma(prompt, max_tokens=6, temperature=0.0)["choices"][0]["text"]
+    gemma.reset()
+    b = gemma(prompt, max_tokens=6, temperature=0.0)["choices"][0]["text"]
+    assert a == b
+    assert "Earth" in a
+    assert gemma.kv_stats().tokens == len(gemma.tokenize(prompt)) + 5
+
+
+def test_gemma_without_template_uses_its_family_template(gemma: Llama) -> None:
+    prompt = format_chat_prompt(gemma._model, [{"role": "user", "content": "Hi"}])
+    assert prompt.startswith("<start_of_turn>user\nHi<end_of_turn>")
