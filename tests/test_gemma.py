@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 from chelsea_gguf import Llama
 from chelsea_gguf.chat import format_chat_prompt
 from chelsea_gguf.models import gemma3_270m_path
