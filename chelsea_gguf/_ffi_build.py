@@ -185,6 +185,40 @@ struct chelsea_kv_stats {
 int32_t chelsea_kv_stats_get(const struct llama_context * ctx, struct chelsea_kv_stats * out);
 int64_t chelsea_kv_seq_tokens(const struct llama_context * ctx, llama_seq_id seq_id);
 
+struct chelsea_kv_cluster_params {
+    float   ratio;
+    int32_t chunk;
+    int32_t n_sink;
+    int32_t n_recent;
+    int32_t interval;
+    int32_t max_passes;
+    bool    log_bias;
+};
+struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);
+int32_t chelsea_kv_cluster_enable(struct llama_context * ctx, const struct chelsea_kv_cluster_params * params,
+                                  char * err, size_t err_len);
+int32_t chelsea_kv_cluster_compress(struct llama_context * ctx, llama_seq_id seq_id);
+struct chelsea_kv_cluster_seq_stats {
+    int64_t   tokens;
+    int32_t   cells;
+    int32_t   passes;
+    int32_t   compressions;
+    double    t_ms;
+    llama_pos pos_merged_min;
+    llama_pos pos_merged_max;
+};
+int32_t chelsea_kv_cluster_seq_stats_get(const struct llama_context * ctx, llama_seq_id seq_id,
+                                         struct chelsea_kv_cluster_seq_stats * out);
+int32_t chelsea_kv_cluster_cell_positions(const struct llama_context * ctx, llama_seq_id seq_id, llama_pos * out,
+                                          int32_t n_max);
+int32_t chelsea_kv_cluster_sizes(const struct llama_context * ctx, llama_seq_id seq_id, int32_t layer, float * out,
+                                 int32_t n_cells);
+int32_t chelsea_ops_run_cpu(int32_t type_k, int32_t type_v, bool v_trans, int32_t n_embd, int32_t n_head,
+                            int32_t n_span, int32_t c0, int32_t n_region, int32_t chunk, int32_t n_remove,
+                            const float * k, const float * v, const float * s,
+                            float * k_in, float * v_in, float * match, float * plan, float * k_out, float * v_out,
+                            int32_t n_threads);
+
 extern "Python" void chelsea_log_callback(enum ggml_log_level, const char *, void *);
 """
 

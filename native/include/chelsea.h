@@ -34,6 +34,80 @@ LLAMA_API int32_t chelsea_kv_stats_get(const struct llama_context * ctx, struct 
 // (one per cell without clustering). Returns -1 for an invalid seq_id or a context without a KV cache.
 LLAMA_API int64_t chelsea_kv_seq_tokens(const struct llama_context * ctx, llama_seq_id seq_id);
 
+//
+// Online KV-cache clustering (Chelsea)
+//
+
+struct chelsea_kv_cluster_params {
+    float   ratio;        // R: cells kept per token seen, 0 < R <= 1 (0.2 keeps 20%)
+    int32_t chunk;        // C: cells per matching chunk, even, >= 2
+    int32_t n_sink;       // first cells of a sequence that are never merged
+    int32_t n_recent;     // last cells of a sequence that are never merged
+    int32_t interval;     // g: compress once a sequence holds more than budget + g cells
+    int32_t max_passes;   // passes per compression (each pass at most halves the mergeable region)
+    bool    log_bias;     // add log(cluster size) to attention logits (proportional attention)
+};
+
+LLAMA_API struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);
+
+// Enables clustering on the context's attention cache (for sliding-window models: the full-attention
+// layers only). Returns 0, or -1 with a message naming the problem in err (if not NULL).
+LLAMA_API int32_t chelsea_kv_cluster_enable(
+        struct llama_context * ctx,
+        const struct chelsea_kv_cluster_params * params,
+        char * err,
+        size_t err_len);
+
+// Compresses sequence seq_id down to its budget now. Returns the number of cells removed (0 when
+// nothing is due or the cells cannot be clustered), or -1 if clustering is not enabled.
+LLAMA_API int32_t chelsea_kv_cluster_compress(struct llama_context * ctx, llama_seq_id seq_id);
+
+struct chelsea_kv_cluster_seq_stats {
+    int64_t   tokens;     // tokens the sequence's cells represent
+    int32_t   cells;      // cells the sequence holds
+    int32_t   passes;     // compression passes run on it
+    int32_t   compressions; // compressions (one or more passes each)
+    double    t_ms;       // wall time spent compressing it
+    llama_pos pos_merged_min; // positions covered by merged cells, -1 if none
+    llama_pos pos_merged_max;
+};
+
+// Returns 0, or -1 if clustering is not enabled or seq_id is out of range.
+LLAMA_API int32_t chelsea_kv_cluster_seq_stats_get(
+        const struct llama_context * ctx,
+        llama_seq_id seq_id,
+        struct chelsea_kv_cluster_seq_stats * out);
+
+// Inspection, for tests and tools: positions of the cells of seq_id's stream in cell order (-1: empty
+// or another sequence's cell), up to n_max; returns the number of cells of the stream.
+LLAMA_API int32_t chelsea_kv_cluster_cell_positions(
+        const struct llama_context * ctx,
+        llama_seq_id seq_id,
+        llama_pos * out,
+        int32_t n_max);
+
+// Inspection: cluster sizes of cache layer `layer` (0-based among layers with K/V), stream of seq_id,
+// as out[h*n_cells + c] for KV head h and cell c < n_cells. Returns n_head_kv, or -1.
+LLAMA_API int32_t chelsea_kv_cluster_sizes(
+        const struct llama_context * ctx,
+        llama_seq_id seq_id,
+        int32_t layer,
+        float * out,
+        int32_t n_cells);
+
+// Runs one pass of the Chelsea ops (match, plan, merge) on the CPU backend over caller data, for
+// checking the ops against a reference. k: [n_span][n_embd] f32, stored as type_k before the pass;
+// v: [n_span][n_embd] f32 stored as type_v (transposed when v_trans); s: [n_head][n_span] sizes.
+// Outputs (any may be NULL): k_in/v_in the stored inputs read back as f32; match [2][n_head][n_region];
+// plan [3][n_head][n_span]; k_out/v_out [n_span - n_remove][n_embd] f32. Returns 0, or -1 on bad input.
+LLAMA_API int32_t chelsea_ops_run_cpu(
+        int32_t type_k, int32_t type_v, bool v_trans,
+        int32_t n_embd, int32_t n_head, int32_t n_span,
+        int32_t c0, int32_t n_region, int32_t chunk, int32_t n_remove,
+        const float * k, const float * v, const float * s,
+        float * k_in, float * v_in, float * match, float * plan, float * k_out, float * v_out,
+        int32_t n_threads);
+
 #ifdef __cplusplus
 }
 #endif

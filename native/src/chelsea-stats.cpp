@@ -1,6 +1,7 @@
 // KV-cache statistics for chelsea_kv_stats_get / chelsea_kv_seq_tokens.
 
 #include "chelsea.h"
+#include "chelsea-kv.h"
 
 #include "llama-kv-cache.h"
 #include "llama-kv-cache-iswa.h"
@@ -50,7 +51,7 @@ int32_t chelsea_kv_stats_get(const llama_context * ctx, chelsea_kv_stats * out) 
         out->n_layers     += (int32_t) kv->get_layer_ids().size();
         out->k_bytes      += kv->chelsea_size_k_bytes();
         out->v_bytes      += kv->chelsea_size_v_bytes();
-        out->buffer_bytes += kv->chelsea_total_size();
+        out->buffer_bytes += kv->chelsea_total_size() + (kv->chelsea ? kv->chelsea->sizes_bytes() : 0);
         out->n_cells      += kv->get_size() * kv->get_n_stream();
         // get_cells() is indexed by sequence; visit each stream once through its first sequence
         std::vector<bool> seen(kv->get_n_stream(), false);
@@ -73,5 +74,6 @@ int64_t chelsea_kv_seq_tokens(const llama_context * ctx, llama_seq_id seq_id) {
     if (caches.empty() || caches[0] == nullptr || seq_id < 0 || (uint32_t) seq_id >= caches[0]->get_n_seq_max()) {
         return -1;
     }
-    return (int64_t) caches[0]->get_cells(seq_id).seq_pos_get(seq_id).size();
+    const int64_t cells = (int64_t) caches[0]->get_cells(seq_id).seq_pos_get(seq_id).size();
+    return cells + (caches[0]->chelsea ? caches[0]->chelsea->seqs[seq_id].n_merged : 0);
 }

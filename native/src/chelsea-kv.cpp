@@ -1,0 +1,511 @@
+// chelsea-gguf: online KV-cache clustering inside llama_kv_cache (the Chelsea method, ../shared/CHELSEA.md).
+//
+// A sequence's cells stay packed in position order from cell 0: [sinks | mergeable region | recent].
+// A compression pass merges, per (layer, KV head), the best-matching A cells of each chunk of the region
+// into their B cells (size-weighted means of K and V), removes the same number of cells from every head,
+// and packs the survivors low, so the attended span n_kv shrinks with the cell count. Passes run as
+// ggml graphs on the backend that holds the cache, from update(), where llama.cpp runs the K-shift.
+
+#include "chelsea-kv.h"
+
+#include "ggml-chelsea.h"
+#include "llama-context.h"
+#include "llama-impl.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-kv-cache.h"
+#include "llama-memory-hybrid.h"
+#include "llama-memory-recurrent.h"
+#include "llama-model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <map>
+#include <string>
+
+namespace {
+
+// the clustered cache behind a context, and the cache a "compress" or stats call works on
+llama_kv_cache * clusterable_cache(const llama_context * ctx) {
+    llama_memory_i * mem = llama_get_memory(ctx);
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        return kv;
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return iswa->get_base();
+    }
+    return nullptr;
+}
+
+void set_error(char * err, size_t err_len, const std::string & msg) {
+    if (err != nullptr && err_len > 0) {
+        snprintf(err, err_len, "%s", msg.c_str());
+    }
+}
+
+std::string validate(const chelsea_kv_cluster_params & p) {
+    if (!(p.ratio > 0.0f && p.ratio <= 1.0f)) {
+        return "ratio must be in (0, 1], got " + std::to_string(p.ratio);
+    }
+    if (p.chunk < 2 || p.chunk % 2 != 0) {
+        return "chunk must be an even number >= 2, got " + std::to_string(p.chunk);
+    }
+    if (p.n_sink < 0) {
+        return "n_sink must be >= 0, got " + std::to_string(p.n_sink);
+    }
+    if (p.n_recent < 0) {
+        return "n_recent must be >= 0, got " + std::to_string(p.n_recent);
+    }
+    if (p.interval < 0) {
+        return "interval must be >= 0, got " + std::to_string(p.interval);
+    }
+    if (p.max_passes < 1) {
+        return "max_passes must be >= 1, got " + std::to_string(p.max_passes);
+    }
+    return "";
+}
+
+// cells a sequence may be compressed to: its budget, never below what is protected
+uint32_t target_cells(const chelsea_kv_cluster_params & p, int64_t tokens) {
+    const int64_t budget = (int64_t) std::ceil((double) p.ratio * (double) tokens);
+    return (uint32_t) std::max<int64_t>(budget, p.n_sink + p.n_recent + 2);
+}
+
+} // namespace
+
+//
+// llama_kv_cache members
+//
+
+bool llama_kv_cache::chelsea_enable(const chelsea_kv_cluster_params & params, std::string & err) {
+    err = validate(params);
+    if (!err.empty()) {
+        return false;
+    }
+    if (other) {
+        err = "this KV cache shares its cells with another cache";
+        return false;
+    }
+    if (hparams.is_mla()) {
+        err = "models with multi-head latent attention (MLA) cannot be clustered";
+        return false;
+    }
+    if (hparams.use_alibi || hparams.f_max_alibi_bias > 0.0f) {
+        err = "models with ALiBi position biases cannot be clustered";
+        return false;
+    }
+    if (hparams.n_pos_per_embd() > 1) {
+        err = "models with multi-dimensional positions (M-RoPE) cannot be clustered";
+        return false;
+    }
+    if (has_cell_ext()) {
+        err = "this model keeps per-cell extras in the KV cache, which merged cells cannot carry";
+        return false;
+    }
+    if (v_trans && hparams.is_n_embd_v_gqa_variable()) {
+        err = "models whose V head size varies across layers cannot be clustered without flash attention";
+        return false;
+    }
+    for (const auto & layer : layers) {
+        const int64_t head_dim = hparams.n_embd_head_k(layer.il);
+        if (head_dim % ggml_blck_size(layer.k->type) != 0 ||
+            (layer.v && !v_trans && hparams.n_embd_head_v(layer.il) % ggml_blck_size(layer.v->type) != 0)) {
+            err = "the KV cache type's block size does not divide the head size";
+            return false;
+        }
+    }
+
+    if (chelsea) {
+        chelsea->params = params;
+        return true;
+    }
+
+    auto st = std::make_shared<chelsea_kv_state>();
+    st->params = params;
+    st->seqs.resize(LLAMA_MAX_SEQ);
+
+    // one ggml context per buffer type, on the buffer type of each layer's K: sizes live beside K/V
+    std::map<ggml_backend_buffer_type_t, ggml_context_ptr> ctx_map;
+    for (const auto & layer : layers) {
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
+        auto it = ctx_map.find(buft);
+        if (it == ctx_map.end()) {
+            ggml_init_params ip = { size_t(layers.size() + 1)*ggml_tensor_overhead(), nullptr, true };
+            it = ctx_map.emplace(buft, ggml_context_ptr(ggml_init(ip))).first;
+        }
+        ggml_tensor * s = ggml_new_tensor_3d(it->second.get(), GGML_TYPE_F32, get_size(), hparams.n_head_kv(layer.il), n_stream);
+        ggml_format_name(s, "chelsea_sizes_l%d", layer.il);
+        st->sizes.push_back(s);
+    }
+    for (auto & [buft, ctx] : ctx_map) {
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
+        if (!buf) {
+            err = "failed to allocate the cluster-size buffer";
+            return false;
+        }
+        LLAMA_LOG_INFO("%s: %10s cluster-size buffer size = %8.2f MiB\n", __func__, ggml_backend_buffer_name(buf),
+                ggml_backend_buffer_get_size(buf)/1024.0/1024.0);
+        st->ctxs_bufs.emplace_back(std::move(ctx), buf);
+    }
+    chelsea = std::move(st);
+    chelsea_clear();
+    return true;
+}
+
+void llama_kv_cache::chelsea_clear() {
+    auto & st = *chelsea;
+    for (ggml_tensor * s : st.sizes) {
+        std::vector<float> ones(ggml_nelements(s), 1.0f);
+        ggml_backend_tensor_set(s, ones.data(), 0, ggml_nbytes(s));
+    }
+    for (auto & seq : st.seqs) {
+        seq = chelsea_seq_state();
+    }
+    st.any_merged = false;
+}
+
+bool llama_kv_cache::chelsea_pending() const {
+    for (const auto & seq : chelsea->seqs) {
+        if (seq.pending) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize) {
+    auto & st = *chelsea;
+    const auto & p = st.params;
+    const uint32_t reserve = lctx->get_cparams().n_batch;
+
+    bool any = false;
+    for (uint32_t s = 0; s < n_seq_max; ++s) {
+        auto & seq = st.seqs[s];
+        const auto & cells = v_cells[seq_to_stream[s]];
+        const int64_t n = (int64_t) cells.seq_pos_get((llama_seq_id) s).size();
+        if (n == 0) {
+            seq.pending = seq.forced = false;
+            continue;
+        }
+        const uint32_t target = target_cells(p, n + seq.n_merged);
+        const uint32_t free   = cells.size() - cells.used_max_p1();
+        seq.pending = n > target && (seq.forced || optimize || n > (int64_t) target + p.interval || free < reserve);
+        any = any || seq.pending;
+    }
+    return any;
+}
+
+bool llama_kv_cache::chelsea_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos p1) {
+    auto & st = *chelsea;
+    std::vector<llama_seq_id> seqs;
+    if (seq_id >= 0) {
+        seqs.push_back(seq_id);
+    } else {
+        for (uint32_t s = 0; s < n_seq_max; ++s) {
+            seqs.push_back((llama_seq_id) s);
+        }
+    }
+    // refuse first, change nothing unless every sequence agrees
+    bool frees_merged = false;
+    for (llama_seq_id s : seqs) {
+        const auto & seq = st.seqs[s];
+        if (seq.n_merged == 0 || p1 <= seq.pos_merged_min || p0 > seq.pos_merged_max) {
+            continue;
+        }
+        if (p0 <= seq.pos_merged_min && p1 > seq.pos_merged_max) {
+            frees_merged = true;
+            continue;
+        }
+        LLAMA_LOG_DEBUG("%s: seq %d: refusing to remove [%d, %d): it cuts through merged cells [%d, %d]\n",
+                __func__, s, p0, p1, seq.pos_merged_min, seq.pos_merged_max);
+        return false;
+    }
+    if (frees_merged) {
+        // every merged cell of these sequences goes: their cells become plain tokens again
+        for (llama_seq_id s : seqs) {
+            auto & seq = st.seqs[s];
+            if (seq.n_merged > 0 && p0 <= seq.pos_merged_min && p1 > seq.pos_merged_max) {
+                const uint32_t strm = seq_to_stream[s];
+                for (ggml_tensor * t : st.sizes) {
+                    std::vector<float> ones(t->ne[0]*t->ne[1], 1.0f);
+                    ggml_backend_tensor_set(t, ones.data(), strm*t->nb[2], ones.size()*sizeof(float));
+                }
+                seq.n_merged = 0;
+                seq.pos_merged_min = seq.pos_merged_max = -1;
+            }
+        }
+        st.any_merged = std::any_of(st.seqs.begin(), st.seqs.end(), [](const chelsea_seq_state & q) { return q.n_merged > 0; });
+    }
+    return true;
+}
+
+ggml_tensor * llama_kv_cache::chelsea_get_bias(ggml_context * ctx, int32_t il, uint32_t n_kv, const slot_info & sinfo) const {
+    const auto & st = *chelsea;
+    if (!st.any_merged || !st.params.log_bias) {
+        return nullptr;
+    }
+    ggml_tensor * s = st.sizes[map_layer_ids.at(il)];
+    const uint32_t ns = sinfo.s1 - sinfo.s0 + 1;
+    ggml_tensor * view = ggml_view_3d(ctx, s, n_kv, s->ne[1], ns, s->nb[1], s->nb[2], sinfo.s0*s->nb[2]);
+    return ggml_log(ctx, view);
+}
+
+bool llama_kv_cache::chelsea_update(llama_context * lctx) {
+    auto & st = *chelsea;
+    const auto & p = st.params;
+    bool changed = false;
+
+    for (uint32_t sid = 0; sid < n_seq_max; ++sid) {
+        auto & seq = st.seqs[sid];
+        if (!seq.pending) {
+            continue;
+        }
+        seq.pending = seq.forced = false;
+
+        const int64_t t_start_us = ggml_time_us();
+        const llama_seq_id seq_id = (llama_seq_id) sid;
+        const uint32_t strm = seq_to_stream[sid];
+        auto & cells = v_cells[strm];
+
+        // the layout passes rely on: this sequence alone, in cells [0, n), positions increasing
+        const auto & seq_pos = cells.seq_pos_get(seq_id);
+        const uint32_t n0 = (uint32_t) seq_pos.size();
+        bool packed = cells.used_max_p1() == n0 && cells.get_used() == n0;
+        {
+            uint32_t i = 0;
+            for (const auto & [pos, cell] : seq_pos) {
+                packed = packed && cell == i++ && cells.seq_count(cell) == 1;
+            }
+        }
+        if (!packed) {
+            LLAMA_LOG_WARN("%s: seq %d: cells are shared or not packed in position order; not compressed\n", __func__, seq_id);
+            continue;
+        }
+
+        uint32_t n = n0;
+        const uint32_t target = target_cells(p, n + seq.n_merged);
+        int32_t passes = 0;
+        while (n > target && passes < p.max_passes) {
+            const uint32_t c0 = (uint32_t) p.n_sink;
+            if (n < c0 + (uint32_t) p.n_recent + 2) {
+                break;
+            }
+            const uint32_t n_region = n - c0 - p.n_recent;
+            const uint32_t n_remove = std::min(n_region / 2, n - target);
+            if (n_remove == 0) {
+                break;
+            }
+            if (!chelsea_run_pass(lctx, strm, n, c0, n_region, n_remove)) {
+                LLAMA_LOG_ERROR("%s: seq %d: compression pass failed\n", __func__, seq_id);
+                break;
+            }
+
+            // cell metadata: the region keeps an increasing subsequence of its positions, the recent
+            // cells move down unchanged
+            std::vector<llama_pos> pos_old(n);
+            for (uint32_t i = 0; i < n; ++i) {
+                pos_old[i] = cells.pos_get(i);
+            }
+            const uint32_t n_kept = n_region - n_remove;
+            if (seq.pos_merged_min < 0) {
+                seq.pos_merged_min = pos_old[c0];
+            }
+            seq.pos_merged_max = std::max(seq.pos_merged_max, pos_old[c0 + n_region - 1]);
+            for (uint32_t i = c0; i < n; ++i) {
+                cells.rm(i);
+            }
+            for (uint32_t j = c0; j < n - n_remove; ++j) {
+                const uint32_t src = j < c0 + n_kept
+                    ? c0 + (uint32_t) (((uint64_t) (j - c0)*n_region)/n_kept)
+                    : j + n_remove;
+                cells.pos_set(j, pos_old[src]);
+                cells.seq_add(j, seq_id);
+            }
+            n -= n_remove;
+            seq.n_merged += n_remove;
+            st.any_merged = true;
+            passes++;
+            changed = true;
+        }
+        v_heads[strm] = n;
+
+        seq.passes += passes;
+        seq.compressions += passes > 0;
+        seq.t_ms += (ggml_time_us() - t_start_us)/1000.0;
+        if (passes > 0) {
+            LLAMA_LOG_DEBUG("%s: seq %d: %u -> %u cells in %d passes (%lld tokens)\n", __func__, seq_id, n0, n,
+                    passes, (long long) (n + seq.n_merged));
+        }
+    }
+    return changed;
+}
+
+bool llama_kv_cache::chelsea_run_pass(llama_context * lctx, uint32_t strm, uint32_t n, uint32_t c0, uint32_t n_region, uint32_t n_remove) {
+    auto & st = *chelsea;
+    auto * sched = lctx->get_sched();
+
+    ggml_backend_sched_reset(sched);
+    auto * res = lctx->get_gf_res_reserve();
+    res->reset();
+
+    ggml_context * ctx = res->get_ctx();
+    ggml_cgraph  * gf  = res->get_gf();
+
+    const uint32_t kv_size = get_size();
+    const uint32_t n_out   = n - n_remove;
+
+    for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
+        const auto & layer = layers[ikv];
+        ggml_tensor * s = st.sizes[ikv];
+        const int64_t n_head_kv = s->ne[1];
+
+        ggml_tensor * k = ggml_view_2d(ctx, layer.k, layer.k->ne[0], n, layer.k->nb[1], strm*layer.k->nb[2]);
+        ggml_tensor * m = ggml_chelsea_match(ctx, k, (int) n_head_kv, (int) c0, (int) n_region, st.params.chunk);
+        ggml_tensor * sv = ggml_view_2d(ctx, s, n, n_head_kv, s->nb[1], strm*s->nb[2]);
+        ggml_tensor * plan = ggml_chelsea_plan(ctx, m, sv, (int) c0, (int) n_remove);
+
+        ggml_tensor * k_new = ggml_chelsea_merge(ctx, k, plan, (int) n_remove, 1);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, k_new,
+                ggml_view_2d(ctx, layer.k, layer.k->ne[0], n_out, layer.k->nb[1], strm*layer.k->nb[2])));
+
+        if (layer.v) {
+            ggml_tensor * v = layer.v;
+            if (!v_trans) {
+                ggml_tensor * vv = ggml_view_2d(ctx, v, v->ne[0], n, v->nb[1], strm*v->nb[2]);
+                ggml_tensor * v_new = ggml_chelsea_merge(ctx, vv, plan, (int) n_remove, 1);
+                ggml_build_forward_expand(gf, ggml_cpy(ctx, v_new,
+                        ggml_view_2d(ctx, v, v->ne[0], n_out, v->nb[1], strm*v->nb[2])));
+            } else {
+                // transposed V: row c holds channel c of every cell
+                const size_t row = ggml_row_size(v->type, kv_size);
+                ggml_tensor * vv = ggml_view_2d(ctx, v, n, v->ne[0], row, strm*v->nb[2]);
+                ggml_tensor * v_new = ggml_chelsea_merge(ctx, vv, plan, (int) n_remove, 0);
+                ggml_build_forward_expand(gf, ggml_cpy(ctx, v_new,
+                        ggml_view_2d(ctx, v, n_out, v->ne[0], row, strm*v->nb[2])));
+            }
+        }
+
+        // new sizes, and 1 for the cells freed at the end
+        ggml_tensor * sizes_new = ggml_view_2d(ctx, plan, n, n_head_kv, plan->nb[1], 2*plan->nb[2]);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, sizes_new,
+                ggml_view_2d(ctx, s, n, n_head_kv, s->nb[1], strm*s->nb[2])));
+    }
+
+    if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+        LLAMA_LOG_ERROR("%s: failed to allocate the compression graph\n", __func__);
+        return false;
+    }
+    if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
+        LLAMA_LOG_ERROR("%s: failed to compute the compression graph\n", __func__);
+        return false;
+    }
+    return true;
+}
+
+//
+// C API
+//
+
+const chelsea_kv_state * chelsea_state_of(const llama_context * ctx) {
+    const llama_kv_cache * kv = ctx ? clusterable_cache(ctx) : nullptr;
+    return kv ? kv->chelsea.get() : nullptr;
+}
+
+chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
+    chelsea_kv_cluster_params p;
+    p.ratio      = 0.25f;
+    p.chunk      = 64;
+    p.n_sink     = 16;
+    p.n_recent   = 64;
+    p.interval   = 64;
+    p.max_passes = 8;
+    p.log_bias   = true;
+    return p;
+}
+
+int32_t chelsea_kv_cluster_enable(llama_context * ctx, const chelsea_kv_cluster_params * params, char * err, size_t err_len) {
+    if (ctx == nullptr || params == nullptr) {
+        set_error(err, err_len, "ctx and params must not be NULL");
+        return -1;
+    }
+    llama_memory_i * mem = llama_get_memory(ctx);
+    if (mem == nullptr) {
+        set_error(err, err_len, "this context has no KV cache");
+        return -1;
+    }
+    if (dynamic_cast<llama_memory_recurrent *>(mem) != nullptr) {
+        set_error(err, err_len, "recurrent models (state-space / RNN memory) have no KV cache to cluster");
+        return -1;
+    }
+    if (dynamic_cast<llama_memory_hybrid *>(mem) != nullptr) {
+        set_error(err, err_len, "hybrid recurrent/attention models cannot be clustered");
+        return -1;
+    }
+    llama_kv_cache * kv = clusterable_cache(ctx);
+    if (kv == nullptr) {
+        set_error(err, err_len, "this model's memory type cannot be clustered");
+        return -1;
+    }
+    std::string msg;
+    if (!kv->chelsea_enable(*params, msg)) {
+        set_error(err, err_len, msg);
+        return -1;
+    }
+    return 0;
+}
+
+int32_t chelsea_kv_cluster_compress(llama_context * ctx, llama_seq_id seq_id) {
+    llama_kv_cache * kv = ctx ? clusterable_cache(ctx) : nullptr;
+    if (kv == nullptr || !kv->chelsea || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
+        return -1;
+    }
+    auto & seq = kv->chelsea->seqs[seq_id];
+    const int64_t before = seq.n_merged;
+    seq.forced = true;
+    ctx->memory_update(false);
+    seq.forced = false;
+    return (int32_t) (seq.n_merged - before);
+}
+
+int32_t chelsea_kv_cluster_seq_stats_get(const llama_context * ctx, llama_seq_id seq_id, chelsea_kv_cluster_seq_stats * out) {
+    const llama_kv_cache * kv = ctx ? clusterable_cache(ctx) : nullptr;
+    if (kv == nullptr || !kv->chelsea || out == nullptr || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
+        return -1;
+    }
+    const auto & seq = kv->chelsea->seqs[seq_id];
+    const int64_t cells = (int64_t) kv->get_cells(seq_id).seq_pos_get(seq_id).size();
+    out->tokens         = cells + seq.n_merged;
+    out->cells          = (int32_t) cells;
+    out->passes         = seq.passes;
+    out->compressions   = seq.compressions;
+    out->t_ms           = seq.t_ms;
+    out->pos_merged_min = seq.pos_merged_min;
+    out->pos_merged_max = seq.pos_merged_max;
+    return 0;
+}
+
+int32_t chelsea_kv_cluster_cell_positions(const llama_context * ctx, llama_seq_id seq_id, llama_pos * out, int32_t n_max) {
+    const llama_kv_cache * kv = ctx ? clusterable_cache(ctx) : nullptr;
+    if (kv == nullptr || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
+        return -1;
+    }
+    const auto & cells = kv->get_cells(seq_id);
+    for (int32_t i = 0; i < n_max && (uint32_t) i < cells.size(); ++i) {
+        out[i] = !cells.is_empty(i) && cells.seq_has(i, seq_id) ? cells.pos_get(i) : -1;
+    }
+    return (int32_t) cells.size();
+}
+
+int32_t chelsea_kv_cluster_sizes(const llama_context * ctx, llama_seq_id seq_id, int32_t layer, float * out, int32_t n_cells) {
+    const llama_kv_cache * kv = ctx ? clusterable_cache(ctx) : nullptr;
+    if (kv == nullptr || !kv->chelsea || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max() ||
+        layer < 0 || (size_t) layer >= kv->chelsea->sizes.size() || n_cells < 0 || (uint32_t) n_cells > kv->get_size()) {
+        return -1;
+    }
+    const ggml_tensor * s = kv->chelsea->sizes[layer];
+    const uint32_t strm = kv->get_stream(seq_id);
+    for (int64_t h = 0; h < s->ne[1]; ++h) {
+        ggml_backend_tensor_get(s, out + h*n_cells, strm*s->nb[2] + h*s->nb[1], n_cells*sizeof(float));
+    }
+    return (int32_t) s->ne[1];
+}

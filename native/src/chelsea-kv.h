@@ -1,0 +1,44 @@
+// chelsea-gguf: state of online KV-cache clustering, owned by a llama_kv_cache (its `chelsea` member).
+#pragma once
+
+#include "chelsea.h"
+
+#include "ggml-cpp.h"
+#include "llama.h"
+
+#include <utility>
+#include <vector>
+
+struct chelsea_seq_state {
+    int64_t   n_merged       = 0;  // cells removed by merging: tokens represented = cells + n_merged
+    llama_pos pos_merged_min = -1; // positions covered by merged cells (the compressed region)
+    llama_pos pos_merged_max = -1;
+    int32_t   passes         = 0;
+    int32_t   compressions   = 0;
+    double    t_ms           = 0.0;
+    bool      pending        = false; // compress at the next update()
+    bool      forced         = false; // compress even if the interval is not reached
+};
+
+struct chelsea_kv_state {
+    chelsea_kv_cluster_params params;
+
+    // per cache layer (order of llama_kv_cache::layers): f32 [kv_size, n_head_kv, n_stream], 1 for a plain token
+    std::vector<ggml_tensor *> sizes;
+    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
+
+    std::vector<chelsea_seq_state> seqs; // LLAMA_MAX_SEQ entries
+
+    bool any_merged = false; // some cell holds a centroid: attention needs the log-size bias
+
+    size_t sizes_bytes() const {
+        size_t n = 0;
+        for (const auto & [_, buf] : ctxs_bufs) {
+            n += ggml_backend_buffer_get_size(buf.get());
+        }
+        return n;
+    }
+};
+
+// clustering state of the context's clustered cache, or nullptr
+const chelsea_kv_state * chelsea_state_of(const llama_context * ctx);
