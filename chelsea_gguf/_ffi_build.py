@@ -192,6 +192,7 @@ struct chelsea_kv_cluster_params {
     int32_t n_recent;
     int32_t interval;
     int32_t max_passes;
+    float   pass_fraction;
     bool    log_bias;
 };
 struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);

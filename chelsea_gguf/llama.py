@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -12,6 +13,7 @@ from typing import Any, Union
 
 from chelsea_gguf import _lib
 from chelsea_gguf._lib import ffi, lib
+from chelsea_gguf import cluster
 from chelsea_gguf.chat import format_chat_prompt
 from chelsea_gguf.kv import KVStats, read_kv_stats
 from chelsea_gguf.models import resolve_model
@@ -85,6 +87,15 @@ class Llama:
         type_v: int | str | None = None,
         chat_format: str | None = None,
         verbose: bool = True,
+        kv_cluster: bool = False,
+        kv_cluster_ratio: float | None = None,
+        kv_cluster_chunk: int | None = None,
+        kv_cluster_sinks: int | None = None,
+        kv_cluster_recent: int | None = None,
+        kv_cluster_interval: int | None = None,
+        kv_cluster_bias: bool | None = None,
+        kv_cluster_max_passes: int | None = None,
+        kv_cluster_pass_fraction: float | None = None,
     ) -> None:
         self._model = ffi.NULL
         self._ctx = ffi.NULL
@@ -101,6 +112,12 @@ class Llama:
         flash_attn_type = parse_flash_attn(flash_attn)
         kv_type_k = parse_kv_type(type_k, "type_k")
         kv_type_v = parse_kv_type(type_v, "type_v")
+        if not isinstance(kv_cluster, bool):
+            raise ValueError(f"kv_cluster: expected a bool, got {kv_cluster!r}")
+        cluster_options = _cluster_options(ratio=kv_cluster_ratio, chunk=kv_cluster_chunk, sinks=kv_cluster_sinks,
+                                           recent=kv_cluster_recent, interval=kv_cluster_interval,
+                                           bias=kv_cluster_bias, max_passes=kv_cluster_max_passes,
+                                           pass_fraction=kv_cluster_pass_fraction)
         if chat_format is not None and not isinstance(chat_format, str):
             raise ValueError(f"chat_format: expected a template name such as 'chatml', got {chat_format!r}")
 
@@ -125,10 +142,17 @@ class Llama:
         self._n_vocab = lib.llama_vocab_n_tokens(self._vocab)
 
         cparams = lib.llama_context_default_params()
-        cparams.n_ctx = n_ctx_value
         if n_ctx_value == 0:
             n_ctx_value = lib.llama_model_n_ctx_train(self._model)
-        cparams.n_batch = min(n_batch, n_ctx_value)
+        # with clustering, the logical context (positions) outgrows the physical cells: the cache is
+        # compressed between decodes, so it is allocated for about ratio * n_ctx cells
+        self._n_ctx_logical = n_ctx_value
+        self.kv_cluster_options = cluster_options if kv_cluster else None
+        n_cells = n_ctx_value
+        if self.kv_cluster_options is not None:
+            n_cells = self.kv_cluster_options.physical_cells(n_ctx_value, min(n_batch, n_ctx_value))
+        cparams.n_ctx = n_cells
+        cparams.n_batch = min(n_batch, n_cells)
         cparams.n_ubatch = min(n_ubatch, cparams.n_batch)
         cparams.n_threads = threads
         cparams.n_threads_batch = threads_batch
@@ -144,6 +168,14 @@ class Llama:
             self.close()
             raise ValueError(f"failed to create a context (n_ctx={n_ctx_value}, type_k={type_k}, "
                              f"type_v={type_v}, flash_attn={flash_attn}): {reason}")
+        if self.kv_cluster_options is not None:
+            try:
+                cluster.enable(self._ctx, self.kv_cluster_options)
+            except ValueError:
+                self.close()
+                raise
+        else:
+            self._n_ctx_logical = int(lib.llama_n_ctx(self._ctx))
         self.n_batch = int(lib.llama_n_batch(self._ctx))
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self._tokens: list[int] = []
@@ -153,6 +185,8 @@ class Llama:
 
     def close(self) -> None:
         """Free the context and the model. Safe to call more than once."""
+        if not hasattr(self, "_model"):  # __init__ never ran (bad arguments)
+            return
         if self._batch is not None:
             lib.llama_batch_free(self._batch)
             self._batch = None
@@ -182,6 +216,12 @@ class Llama:
     # ------------------------------------------------------------------ model facts
 
     def n_ctx(self) -> int:
+        """The logical context: how many tokens a sequence may hold (with clustering, more than cells)."""
+        self._require_open()
+        return self._n_ctx_logical
+
+    def n_cells(self) -> int:
+        """Physical KV cells allocated per sequence stream."""
         self._require_open()
         return int(lib.llama_n_ctx(self._ctx))
 
@@ -296,6 +336,9 @@ class Llama:
                 batch.logits[i] = 1 if (last_chunk and i == len(chunk) - 1) else 0
             batch.n_tokens = len(chunk)
             rc = lib.llama_decode(self._ctx, batch)
+            if rc == 1:
+                raise RuntimeError(f"the KV cache is full: no room for {len(chunk)} tokens at position {base} "
+                                   f"({self.n_cells()} cells)")
             if rc != 0:
                 raise RuntimeError(f"llama_decode failed with code {rc} at position {base} "
                                    f"(n_ctx={n_ctx}): " + "; ".join(_lib.recent_errors()[-2:]))
@@ -476,6 +519,29 @@ class Llama:
         """Cells, tokens represented and real K/V allocation of this context's KV cache."""
         self._require_open()
         return read_kv_stats(self._ctx, 0)
+
+    def kv_cluster_stats(self) -> dict[str, Any]:
+        """Clustering of sequence 0: tokens represented, cells, passes, compressions, time_ms, compression
+        (tokens per cell) and the real KV allocation in MiB. Raises if clustering is off."""
+        self._require_open()
+        if self.kv_cluster_options is None:
+            raise RuntimeError("kv_cluster is off for this Llama")
+        stats = cluster.read_stats(self._ctx, 0).as_dict()
+        stats["kv_mib"] = self.kv_stats().kv_mib
+        return stats
+
+    def kv_cluster_compress(self) -> int:
+        """Compress sequence 0 down to its budget now; returns the cells removed."""
+        self._require_open()
+        if self.kv_cluster_options is None:
+            raise RuntimeError("kv_cluster is off for this Llama")
+        return int(lib.chelsea_kv_cluster_compress(self._ctx, 0))
+
+
+def _cluster_options(**given: Any) -> cluster.ClusterOptions:
+    """The C library's defaults, overridden by the kv_cluster_* keywords that were given."""
+    chosen = {k: v for k, v in given.items() if v is not None}
+    return dataclasses.replace(cluster.default_options(), **chosen).validated()
 
 
 def _chat_chunks(chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

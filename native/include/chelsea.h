@@ -44,7 +44,9 @@ struct chelsea_kv_cluster_params {
     int32_t n_sink;       // first cells of a sequence that are never merged
     int32_t n_recent;     // last cells of a sequence that are never merged
     int32_t interval;     // g: compress once a sequence holds more than budget + g cells
-    int32_t max_passes;   // passes per compression (each pass at most halves the mergeable region)
+    int32_t max_passes;   // passes per compression
+    float   pass_fraction; // share of a pass's candidate (A) cells it may merge, in (0, 1]: below 1, a pass
+                           // merges only the most similar pairs and leaves distinct tokens for later
     bool    log_bias;     // add log(cluster size) to attention logits (proportional attention)
 };
 

@@ -9,6 +9,7 @@
 #include "chelsea-kv.h"
 
 #include "ggml-chelsea.h"
+#include "llama-batch.h"
 #include "llama-context.h"
 #include "llama-impl.h"
 #include "llama-kv-cache-iswa.h"
@@ -61,6 +62,9 @@ std::string validate(const chelsea_kv_cluster_params & p) {
     }
     if (p.max_passes < 1) {
         return "max_passes must be >= 1, got " + std::to_string(p.max_passes);
+    }
+    if (!(p.pass_fraction > 0.0f && p.pass_fraction <= 1.0f)) {
+        return "pass_fraction must be in (0, 1], got " + std::to_string(p.pass_fraction);
     }
     return "";
 }
@@ -173,10 +177,18 @@ bool llama_kv_cache::chelsea_pending() const {
     return false;
 }
 
+// a batch this small is a generation step (or a few speculative tokens), not a prompt chunk
+static constexpr uint32_t CHELSEA_DECODE_MAX_TOKENS = 8;
+
+uint32_t llama_context::chelsea_n_batch_tokens() const {
+    return balloc ? balloc->get_n_tokens() : 0;
+}
+
 bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize) {
     auto & st = *chelsea;
     const auto & p = st.params;
-    const uint32_t reserve = lctx->get_cparams().n_batch;
+    const uint32_t n_next   = lctx->chelsea_n_batch_tokens();
+    const bool     decoding = n_next <= CHELSEA_DECODE_MAX_TOKENS;
 
     bool any = false;
     for (uint32_t s = 0; s < n_seq_max; ++s) {
@@ -189,7 +201,10 @@ bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize)
         }
         const uint32_t target = target_cells(p, n + seq.n_merged);
         const uint32_t free   = cells.size() - cells.used_max_p1();
-        seq.pending = n > target && (seq.forced || optimize || n > (int64_t) target + p.interval || free < reserve);
+        // while a prompt is fed in chunks, merge only when the next chunk would not fit: later merges see
+        // more of the prompt; once generating, keep the sequence within budget + interval
+        const bool over_budget = decoding && n > (int64_t) target + p.interval;
+        seq.pending = n > target && (seq.forced || optimize || over_budget || free < std::max(n_next, 1u));
         any = any || seq.pending;
     }
     return any;
@@ -291,7 +306,8 @@ bool llama_kv_cache::chelsea_update(llama_context * lctx) {
                 break;
             }
             const uint32_t n_region = n - c0 - p.n_recent;
-            const uint32_t n_remove = std::min(n_region / 2, n - target);
+            const uint32_t n_cand   = n_region / 2;
+            const uint32_t n_remove = std::min(std::max(1u, (uint32_t) (n_cand*p.pass_fraction)), n - target);
             if (n_remove == 0) {
                 break;
             }
@@ -418,7 +434,8 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.n_sink     = 16;
     p.n_recent   = 64;
     p.interval   = 64;
-    p.max_passes = 8;
+    p.max_passes = 16;
+    p.pass_fraction = 0.5f;
     p.log_bias   = true;
     return p;
 }

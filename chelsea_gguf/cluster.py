@@ -1,0 +1,103 @@
+"""Options and statistics of online KV-cache clustering (Chelsea) for a context."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from chelsea_gguf._lib import ffi, lib
+from chelsea_gguf.options import require_float, require_int
+
+
+@dataclass(frozen=True)
+class ClusterOptions:
+    """What ``Llama(kv_cluster=True, kv_cluster_*=...)`` asks for; defaults from the C library."""
+
+    ratio: float = 0.25     # cells kept per token seen
+    chunk: int = 64         # cells per matching chunk (even)
+    sinks: int = 16         # first tokens never merged
+    recent: int = 64        # last tokens never merged
+    interval: int = 64      # compress once a sequence exceeds its budget by this many cells
+    max_passes: int = 16
+    pass_fraction: float = 0.5  # share of candidate cells one pass may merge: the most similar pairs go first
+    bias: bool = True       # proportional attention: + log(cluster size)
+
+    def validated(self) -> "ClusterOptions":
+        ratio = require_float("kv_cluster_ratio", self.ratio)
+        if not 0.0 < ratio <= 1.0:
+            raise ValueError(f"kv_cluster_ratio: {self.ratio} is out of range (must be > 0 and <= 1)")
+        require_int("kv_cluster_chunk", self.chunk, 2)
+        if self.chunk % 2:
+            raise ValueError(f"kv_cluster_chunk: {self.chunk} must be even (chunks split into alternating pairs)")
+        require_int("kv_cluster_sinks", self.sinks, 0)
+        require_int("kv_cluster_recent", self.recent, 0)
+        require_int("kv_cluster_interval", self.interval, 0)
+        require_int("kv_cluster_max_passes", self.max_passes, 1, 64)
+        fraction = require_float("kv_cluster_pass_fraction", self.pass_fraction)
+        if not 0.0 < fraction <= 1.0:
+            raise ValueError(f"kv_cluster_pass_fraction: {self.pass_fraction} is out of range (must be > 0 and <= 1)")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"kv_cluster_bias: expected a bool, got {self.bias!r}")
+        return self
+
+    def physical_cells(self, n_ctx: int, n_batch: int) -> int:
+        """KV cells to allocate for a logical context of n_ctx tokens: the budget at a full context, plus
+        the interval of slack and room for one batch, never more than the full cache."""
+        budget = max(math.ceil(self.ratio * n_ctx), self.sinks + self.recent + 2)
+        return min(n_ctx, budget + self.interval + n_batch)
+
+    def to_native(self) -> Any:
+        p = lib.chelsea_kv_cluster_default_params()
+        p.ratio = self.ratio
+        p.chunk = self.chunk
+        p.n_sink = self.sinks
+        p.n_recent = self.recent
+        p.interval = self.interval
+        p.max_passes = self.max_passes
+        p.pass_fraction = self.pass_fraction
+        p.log_bias = self.bias
+        return p
+
+
+def default_options() -> ClusterOptions:
+    p = lib.chelsea_kv_cluster_default_params()
+    return ClusterOptions(ratio=round(p.ratio, 6), chunk=p.chunk, sinks=p.n_sink, recent=p.n_recent,
+                          interval=p.interval, max_passes=p.max_passes, pass_fraction=round(p.pass_fraction, 6),
+                          bias=bool(p.log_bias))
+
+
+def enable(ctx: Any, options: ClusterOptions) -> None:
+    params = ffi.new("struct chelsea_kv_cluster_params *", options.to_native())
+    err = ffi.new("char[]", 512)
+    if lib.chelsea_kv_cluster_enable(ctx, params, err, 512) != 0:
+        raise ValueError(f"kv_cluster: {ffi.string(err).decode()}")
+
+
+@dataclass(frozen=True)
+class ClusterStats:
+    tokens: int            # tokens the sequence's cells represent
+    cells: int             # cells it holds
+    passes: int
+    compressions: int
+    time_ms: float         # spent clustering
+    pos_merged_min: int    # positions covered by merged cells (-1: none)
+    pos_merged_max: int
+
+    @property
+    def compression(self) -> float:
+        """Tokens per cell: 4.0 means the cache holds a quarter of what a full cache would."""
+        return self.tokens / self.cells if self.cells else 1.0
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["compression"] = self.compression
+        return d
+
+
+def read_stats(ctx: Any, seq_id: int = 0) -> ClusterStats:
+    raw = ffi.new("struct chelsea_kv_cluster_seq_stats *")
+    if lib.chelsea_kv_cluster_seq_stats_get(ctx, seq_id, raw) != 0:
+        raise RuntimeError("clustering is not enabled on this context")
+    return ClusterStats(tokens=raw.tokens, cells=raw.cells, passes=raw.passes, compressions=raw.compressions,
+                        time_ms=raw.t_ms, pos_merged_min=raw.pos_merged_min, pos_merged_max=raw.pos_merged_max)
