@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from chelsea_gguf.kv import MIB
-from chelsea_gguf.llama import Llama, Timings
+from chelsea_gguf.llama import Llama, Timings, _cluster_options
 from chelsea_gguf.models import ModelFetchError
 from chelsea_gguf.options import FLASH_ATTN_MODES, KV_CACHE_TYPES, parse_context_size
 
@@ -56,13 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-penalty", dest="repeat_penalty", type=float, default=1.0)
     p.add_argument("--no-display-prompt", dest="display_prompt", action="store_false",
                    help="do not echo the prompt before the generated text")
+    g = p.add_argument_group("KV-cache clustering (Chelsea)")
+    g.add_argument("--kv-cluster", action="store_true",
+                   help="cluster the KV cache online: ~ratio x the KV memory, faster decoding at long depth")
+    g.add_argument("--kv-ratio", type=float, default=None, metavar="R", help="cells kept per token seen (default 0.25)")
+    g.add_argument("--kv-chunk", type=int, default=None, metavar="C", help="cells per matching chunk, even (default 64)")
+    g.add_argument("--kv-sinks", type=int, default=None, metavar="N", help="first tokens never merged (default 16)")
+    g.add_argument("--kv-recent", type=int, default=None, metavar="N", help="last tokens never merged (default 64)")
+    g.add_argument("--kv-interval", type=int, default=None, metavar="G",
+                   help="compress when G cells over budget while generating (default 64)")
+    g.add_argument("--kv-no-bias", dest="kv_bias", action="store_false",
+                   help="do not add log(cluster size) to attention logits")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
     return p
 
 
 def format_summary(llm: Llama, timings: Timings) -> str:
     kv = llm.kv_stats()
-    lines = [
+    lines = []
+    if llm.kv_cluster_options is not None:
+        cs = llm.kv_cluster_stats()
+        lines.append(f"kv cluster : {cs['tokens']} tokens in {cs['cells']} cells ({cs['compression']:.2f}x, "
+                     f"ratio {llm.kv_cluster_options.ratio:g}), {cs['passes']} passes in {cs['compressions']} "
+                     f"compressions, {cs['time_ms']:.2f} ms clustering")
+    lines += [
         f"kv cache   : {kv.kv_mib:8.2f} MiB  (K {kv.type_k} {kv.k_bytes / MIB:.2f} MiB, "
         f"V {kv.type_v} {kv.v_bytes / MIB:.2f} MiB), {kv.n_cells} cells, {kv.n_cells_used} used, "
         f"{kv.tokens} tokens",
@@ -121,6 +138,30 @@ def run_chat(llm: Llama, args: argparse.Namespace, inp: TextIO, out: TextIO) -> 
         print(format_summary(llm, llm.last_timings), file=sys.stderr)
 
 
+CLUSTER_FLAGS = {"kv_cluster_ratio": "--kv-ratio", "kv_cluster_chunk": "--kv-chunk", "kv_cluster_sinks": "--kv-sinks",
+                 "kv_cluster_recent": "--kv-recent", "kv_cluster_interval": "--kv-interval",
+                 "kv_cluster_bias": "--kv-no-bias"}
+
+
+def _cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    given = {"kv_cluster_ratio": args.kv_ratio, "kv_cluster_chunk": args.kv_chunk, "kv_cluster_sinks": args.kv_sinks,
+             "kv_cluster_recent": args.kv_recent, "kv_cluster_interval": args.kv_interval,
+             "kv_cluster_bias": None if args.kv_bias else False}
+    chosen = {k: v for k, v in given.items() if v is not None}
+    if chosen and not args.kv_cluster:
+        raise ValueError(f"{', '.join(CLUSTER_FLAGS[k] for k in chosen)}: needs --kv-cluster")
+    if not args.kv_cluster:
+        return {}
+    try:
+        _cluster_options(**{k[len("kv_cluster_"):]: v for k, v in chosen.items()})
+    except ValueError as e:
+        message = str(e)
+        for keyword, flag in CLUSTER_FLAGS.items():
+            message = message.replace(keyword, flag)
+        raise ValueError(message) from None
+    return {"kv_cluster": True, **chosen}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -140,9 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             parser.error(f"-f {args.file}: {e.strerror or e}")
     try:
+        cluster_kwargs = _cluster_kwargs(args)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
         llm = Llama(model, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
                     n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
-                    type_k=args.cache_type_k, type_v=args.cache_type_v, seed=args.seed, verbose=args.verbose)
+                    type_k=args.cache_type_k, type_v=args.cache_type_v, seed=args.seed, verbose=args.verbose,
+                    **cluster_kwargs)
     except (FileNotFoundError, ValueError, ModelFetchError) as e:
         print(f"chelsea-run: error: {e}", file=sys.stderr)
         return 1

@@ -19,8 +19,8 @@ class ClusterOptions:
     sinks: int = 16         # first tokens never merged
     recent: int = 64        # last tokens never merged
     interval: int = 64      # compress once a sequence exceeds its budget by this many cells
-    max_passes: int = 16
-    pass_fraction: float = 0.5  # share of candidate cells one pass may merge: the most similar pairs go first
+    max_passes: int = 32
+    pass_fraction: float = 0.25  # share of candidate cells one pass may merge: the most similar pairs go first
     bias: bool = True       # proportional attention: + log(cluster size)
 
     def validated(self) -> "ClusterOptions":
@@ -101,3 +101,25 @@ def read_stats(ctx: Any, seq_id: int = 0) -> ClusterStats:
         raise RuntimeError("clustering is not enabled on this context")
     return ClusterStats(tokens=raw.tokens, cells=raw.cells, passes=raw.passes, compressions=raw.compressions,
                         time_ms=raw.t_ms, pos_merged_min=raw.pos_merged_min, pos_merged_max=raw.pos_merged_max)
+
+
+def cell_positions(ctx: Any, seq_id: int = 0) -> list[int]:
+    """Positions of the cells of seq_id's stream in cell order (-1: empty). For tests and tools."""
+    n = lib.chelsea_kv_cluster_cell_positions(ctx, seq_id, ffi.NULL, 0)
+    if n < 0:
+        raise ValueError(f"seq_id {seq_id} is out of range")
+    out = ffi.new("llama_pos[]", n)
+    lib.chelsea_kv_cluster_cell_positions(ctx, seq_id, out, n)
+    return list(out)
+
+
+def cluster_sizes(ctx: Any, layer: int, n_cells: int, seq_id: int = 0) -> list[list[float]]:
+    """Cluster sizes [KV head][cell] of the first n_cells cells of cache layer `layer`. For tests and tools."""
+    buf = ffi.new("float[]", max(1, 64 * n_cells))
+    n_head = lib.chelsea_kv_cluster_sizes(ctx, seq_id, layer, buf, n_cells)
+    if n_head < 0:
+        raise ValueError(f"no cluster sizes for layer {layer}, {n_cells} cells, seq {seq_id}")
+    if n_head > 64:
+        buf = ffi.new("float[]", n_head * n_cells)
+        lib.chelsea_kv_cluster_sizes(ctx, seq_id, layer, buf, n_cells)
+    return [list(buf[h * n_cells:(h + 1) * n_cells]) for h in range(n_head)]

@@ -373,6 +373,10 @@ class Llama:
             t0 = time.perf_counter()
             kept = self._reuse_prefix(prompt_tokens)
             self.eval(prompt_tokens[kept:])
+            if self.kv_cluster_options is not None:
+                # compress once after the prompt, so that generation starts within budget (and its timing
+                # does not include this pass)
+                lib.chelsea_kv_cluster_compress(self._ctx, 0)
             if sampler.uses_history:
                 for t in prompt_tokens[-64:]:
                     sampler.accept(t)

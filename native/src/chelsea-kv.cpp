@@ -434,8 +434,8 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.n_sink     = 16;
     p.n_recent   = 64;
     p.interval   = 64;
-    p.max_passes = 16;
-    p.pass_fraction = 0.5f;
+    p.max_passes = 32;
+    p.pass_fraction = 0.25f;
     p.log_bias   = true;
     return p;
 }
