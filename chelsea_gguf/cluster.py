@@ -42,10 +42,11 @@ class ClusterOptions:
         return self
 
     def physical_cells(self, n_ctx: int, n_batch: int) -> int:
-        """KV cells to allocate for a logical context of n_ctx tokens: the budget at a full context, plus
-        the interval of slack and room for one batch, never more than the full cache."""
+        """KV cells to allocate for a logical context of n_ctx tokens: the budget at a full context plus
+        room for whichever is larger, the interval of slack while generating or one batch of the prompt
+        (the cache compresses to budget before a batch that would not fit), never more than the full cache."""
         budget = max(math.ceil(self.ratio * n_ctx), self.sinks + self.recent + 2)
-        return min(n_ctx, budget + self.interval + n_batch)
+        return min(n_ctx, budget + max(self.interval + 1, n_batch))
 
     def to_native(self) -> Any:
         p = lib.chelsea_kv_cluster_default_params()

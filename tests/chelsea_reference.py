@@ -13,7 +13,7 @@ from chelsea_gguf._lib import ffi, lib
 class PassResult:
     k_in: np.ndarray     # [n_span, n_embd] the keys as stored (after conversion to the cache type)
     v_in: np.ndarray
-    score: np.ndarray    # [n_head, n_region] best cosine of each A cell, -inf for B cells
+    score: np.ndarray    # [n_head, n_region] best cosine of each A cell, -2 (no candidate) for B cells
     best: np.ndarray     # [n_head, n_region] chosen B (relative to c0), -1 for B cells
     dst: np.ndarray      # [n_head, n_span] destination cell of each source cell
     weight: np.ndarray   # [n_head, n_span]

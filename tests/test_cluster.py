@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from chelsea_gguf import Llama
-from chelsea_gguf._lib import lib
+from chelsea_gguf._lib import ffi, lib
 from chelsea_gguf.cluster import cell_positions, cluster_sizes
 from chelsea_gguf.passkey import FILLER, passkey_prompt
 
@@ -146,16 +147,29 @@ def test_stats_refused_without_clustering(llm: Llama) -> None:
 
 @pytest.mark.slow
 def test_flash_attention_keeps_the_bias_exact(model_path: Path) -> None:
-    """After compression, flash attention (per-head mask) and the softmax path agree as closely as they do on
-    a full cache, and far more closely than without the log-size bias."""
+    """After compression, flash attention (per-head mask) and the softmax path (bias added to KQ) agree about as
+    closely as the two paths agree without the bias, and far more closely than the bias moves the logits."""
     prompt = passkey_prompt(40, 0.3, seed=1).prompt
-    outs = {}
-    for name, kw in {"plain": {}, "flash": {"flash_attn": True},
-                     "flash_nobias": {"flash_attn": True, "kv_cluster_bias": False}}.items():
-        with Llama(str(model_path), n_ctx=2048, verbose=False, kv_cluster=True, kv_cluster_ratio=0.25, **kw) as m:
-            outs[name] = greedy_tokens(m, prompt, 12)
-            assert m.kv_cluster_stats()["passes"] > 0
-    assert outs["flash"] == outs["plain"]
+    logits = {}
+    for flash in (False, True):
+        for bias in (False, True):
+            with Llama(str(model_path), n_ctx=2048, verbose=False, flash_attn=flash, kv_cluster=True,
+                       kv_cluster_ratio=0.25, kv_cluster_bias=bias) as m:
+                greedy_tokens(m, prompt, 12)
+                assert m.kv_cluster_stats()["passes"] > 0
+                m.eval(m.tokenize(" The answer is", add_bos=False))
+                ptr = lib.llama_get_logits_ith(m._ctx, -1)
+                logits[flash, bias] = np.frombuffer(ffi.buffer(ptr, 4 * m.n_vocab()), dtype=np.float32).copy()
+
+    def diff(a: tuple[bool, bool], b: tuple[bool, bool]) -> float:
+        return float(np.abs(logits[a] - logits[b]).max())
+
+    paths_with_bias = diff((True, True), (False, True))
+    paths_without_bias = diff((True, False), (False, False))
+    bias_effect = diff((True, True), (True, False))
+    assert bias_effect > 1.0
+    assert paths_with_bias < 0.5 * bias_effect
+    assert paths_with_bias < 2.0 * paths_without_bias + 0.1
 
 
 @pytest.mark.slow

@@ -85,11 +85,11 @@ void ggml_compute_forward_chelsea_match(const ggml_compute_params * params, ggml
         for (int64_t i = 0; i < len; ++i) {
             const int64_t o = h*n_region + first + i;
             if (i % 2 == 0) {
-                out_score[o] = -INFINITY;
+                out_score[o] = GGML_CHELSEA_NO_SCORE;
                 out_index[o] = -1.0f;
                 continue;
             }
-            float   best   = -INFINITY;
+            float   best   = GGML_CHELSEA_NO_SCORE;
             int64_t best_j = first + i - 1;
             for (int64_t j = 0; j < len; j += 2) {
                 float s;
@@ -137,7 +137,7 @@ void ggml_compute_forward_chelsea_plan(const ggml_compute_params * params, ggml_
         cand.clear();
         for (int64_t i = 0; i < n_region; ++i) {
             if (ix[i] >= 0.0f) {
-                cand.emplace_back(std::isnan(sc[i]) ? -INFINITY : sc[i], i);
+                cand.emplace_back(std::isnan(sc[i]) ? GGML_CHELSEA_NO_SCORE : sc[i], i);
             }
         }
         GGML_ASSERT((int64_t) cand.size() >= n_remove);

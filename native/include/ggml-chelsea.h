@@ -15,12 +15,16 @@
 extern "C" {
 #endif
 
+// below any cosine similarity: "no candidate"
+#define GGML_CHELSEA_NO_SCORE (-2.0f)
+
 // k: [n_embd, n_span], cells along ne1 (a strided view is fine), any type with a to_float.
 // The region [c0, c0 + n_region) is cut into chunks of `chunk` cells; inside a chunk, cells at odd offsets
 // (set A) pick the cell at an even offset (set B) whose key has the highest cosine similarity, per head
 // (head h owns elements [h*n_embd/n_head, (h+1)*n_embd/n_head) of a row).
-// result: f32 [n_region, n_head, 2]; [i, h, 0] = best score of A cell i (-INFINITY for B cells),
-//         [i, h, 1] = index of that B cell relative to c0 (-1 for B cells).
+// result: f32 [n_region, n_head, 2]; [i, h, 0] = best score of A cell i (GGML_CHELSEA_NO_SCORE for B cells,
+//         and for A cells whose keys compare to nothing, e.g. NaN), [i, h, 1] = index of that B cell relative
+//         to c0 (-1 for B cells). All values are finite.
 GGML_API struct ggml_tensor * ggml_chelsea_match(
         struct ggml_context * ctx,
         struct ggml_tensor  * k,
