@@ -6,11 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 
-pytestmark = pytest.mark.slow
-
 from chelsea_gguf import Llama
 from chelsea_gguf.chat import format_chat_prompt
 from chelsea_gguf.models import gemma3_270m_path
+from chelsea_gguf.passkey import FILLER
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -39,3 +40,18 @@ def test_gemma_generates_deterministically(gemma: Llama) -> None:
 def test_gemma_without_template_uses_its_family_template(gemma: Llama) -> None:
     prompt = format_chat_prompt(gemma._model, [{"role": "user", "content": "Hi"}])
     assert prompt.startswith("<start_of_turn>user\nHi<end_of_turn>")
+
+
+def test_gemma_clusters_only_its_full_attention_cache() -> None:
+    prompt = "Notes. " + FILLER * 60 + "\nThe first three planets from the Sun are Mercury, Venus and"
+    with Llama(str(gemma3_270m_path()), n_ctx=4096, verbose=False, kv_cluster=True, kv_cluster_ratio=0.25) as g:
+        n_prompt = len(g.tokenize(prompt))
+        out = g(prompt, max_tokens=6, temperature=0.0)["choices"][0]["text"]
+        stats = g.kv_cluster_stats()
+        assert stats["passes"] > 0 and stats["tokens"] == n_prompt + 5
+        assert stats["cells"] <= 0.25 * stats["tokens"] + 64 + 1
+        kv = g.kv_stats()
+        assert kv.n_caches == 2
+        # the sliding-window cache is not clustered: it keeps whole tokens, more cells than the clustered one
+        assert kv.n_cells_used > stats["cells"]
+        assert "Earth" in out
