@@ -193,3 +193,20 @@ def test_passkey_retrieval_survives_clustering(model_path: Path) -> None:
     assert sum(results["full"]) >= 4, results
     missed = [d for d, f, c in zip(depths, results["full"], results["clustered"]) if f and not c]
     assert not missed, f"clustered cache lost the passkey at depths {missed}: {results}"
+
+
+@pytest.mark.slow
+def test_quantized_cache_clusters_and_still_retrieves(model_path: Path) -> None:
+    """q8_0 K/V (flash attention): dequantize, merge, requantize. Savings multiply and the key survives."""
+    sizes = {}
+    for kv_type in ("f16", "q8_0"):
+        with Llama(str(model_path), n_ctx=2048, verbose=False, type_k=kv_type, type_v=kv_type, flash_attn=True,
+                   kv_cluster=True, kv_cluster_ratio=0.25) as llm:
+            for depth in (0.2, 0.5, 0.8):
+                p = passkey_prompt(45, depth, seed=int(depth * 100))
+                llm.reset()
+                answer = llm(p.prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"]
+                assert p.retrieved(answer), (kv_type, depth, answer)
+            assert llm.kv_cluster_stats()["passes"] > 0
+            sizes[kv_type] = llm.kv_stats().buffer_bytes
+    assert sizes["q8_0"] < 0.6 * sizes["f16"]
