@@ -45,6 +45,14 @@ class Timings:
         return self.generated_tokens / (self.generation_ms / 1000.0) if self.generation_ms > 0 else 0.0
 
 
+@dataclass(frozen=True)
+class LlamaState:
+    """A saved context: the tokens it held and llama.cpp's serialized state."""
+
+    tokens: list[int]
+    data: bytes
+
+
 def default_thread_count() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -516,6 +524,30 @@ class Llama:
                          "logprobs": None, "finish_reason": choice["finish_reason"]}],
             "usage": completion["usage"],  # type: ignore[index]
         }
+
+    # ------------------------------------------------------------------ state
+
+    def save_state(self) -> LlamaState:
+        """Snapshot of the context (KV cache, tokens). With clustering, refused once cells were merged."""
+        self._require_open()
+        _lib.clear_recent_errors()
+        size = lib.llama_state_get_size(self._ctx)
+        buf = ffi.new("uint8_t[]", max(size, 1))
+        written = lib.llama_state_get_data(self._ctx, buf, size) if size else 0
+        if written == 0:
+            reason = "; ".join(_lib.recent_errors()[-2:]) or "llama.cpp could not serialize the context"
+            raise RuntimeError(f"save_state failed: {reason}")
+        return LlamaState(list(self._tokens), bytes(ffi.buffer(buf, written)))
+
+    def load_state(self, state: LlamaState) -> None:
+        """Restore a snapshot taken by save_state() on a context of the same model and shape."""
+        self._require_open()
+        _lib.clear_recent_errors()
+        if lib.llama_state_set_data(self._ctx, state.data, len(state.data)) == 0:
+            reason = "; ".join(_lib.recent_errors()[-2:]) or "llama.cpp rejected the data"
+            self._tokens = []
+            raise ValueError(f"load_state failed: {reason}")
+        self._tokens = list(state.tokens)
 
     # ------------------------------------------------------------------ KV cache
 

@@ -210,3 +210,22 @@ def test_quantized_cache_clusters_and_still_retrieves(model_path: Path) -> None:
             assert llm.kv_cluster_stats()["passes"] > 0
             sizes[kv_type] = llm.kv_stats().buffer_bytes
     assert sizes["q8_0"] < 0.6 * sizes["f16"]
+
+
+def test_state_round_trip_before_merging_and_refusal_after(model_path: Path) -> None:
+    with Llama(str(model_path), n_ctx=2048, verbose=False, kv_cluster=True, kv_cluster_ratio=0.25) as llm:
+        llm(PROMPT, max_tokens=4, temperature=0.0)
+        state = llm.save_state()  # nothing merged yet: a plain state
+        expected = llm(PROMPT + " Rome", max_tokens=6, temperature=0.0)["choices"][0]["text"]
+        llm.reset()
+        llm.load_state(state)
+        assert llm(PROMPT + " Rome", max_tokens=6, temperature=0.0)["choices"][0]["text"] == expected
+        # once cells are merged, saving would drop their cluster sizes: refused with a message
+        llm("Notes. " + FILLER * 40, max_tokens=2, temperature=0.0)
+        assert llm.kv_cluster_stats()["passes"] > 0
+        with pytest.raises(RuntimeError, match="merged KV cells"):
+            llm.save_state()
+        # a plain state loads into the compressed context, replacing it exactly
+        llm.load_state(state)
+        assert llm.kv_cluster_stats()["pos_merged_min"] == -1
+        assert llm(PROMPT + " Rome", max_tokens=6, temperature=0.0)["choices"][0]["text"] == expected

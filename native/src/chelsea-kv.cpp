@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <map>
+#include <stdexcept>
 #include <string>
 
 namespace {
@@ -166,6 +167,16 @@ void llama_kv_cache::chelsea_clear() {
         seq = chelsea_seq_state();
     }
     st.any_merged = false;
+}
+
+void llama_kv_cache::chelsea_state_write_check(llama_seq_id seq_id) const {
+    const auto & st = *chelsea;
+    for (uint32_t s = 0; s < n_seq_max; ++s) {
+        if ((seq_id < 0 || (uint32_t) seq_id == s) && st.seqs[s].n_merged > 0) {
+            throw std::runtime_error("chelsea-gguf: sequence " + std::to_string(s) + " holds merged KV cells; "
+                    "saving its state is not supported yet (it would drop their cluster sizes)");
+        }
+    }
 }
 
 bool llama_kv_cache::chelsea_pending() const {
