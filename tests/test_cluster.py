@@ -168,7 +168,7 @@ def test_flash_attention_keeps_the_bias_exact(model_path: Path) -> None:
     paths_without_bias = diff((True, False), (False, False))
     bias_effect = diff((True, True), (True, False))
     assert bias_effect > 1.0
-    assert paths_with_bias < 0.5 * bias_effect
+    assert paths_with_bias < 0.75 * bias_effect  # flash ignoring the bias would land near bias_effect
     assert paths_with_bias < 2.0 * paths_without_bias + 0.1
 
 
