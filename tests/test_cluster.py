@@ -229,3 +229,25 @@ def test_state_round_trip_before_merging_and_refusal_after(model_path: Path) -> 
         llm.load_state(state)
         assert llm.kv_cluster_stats()["pos_merged_min"] == -1
         assert llm(PROMPT + " Rome", max_tokens=6, temperature=0.0)["choices"][0]["text"] == expected
+
+
+def test_shifting_the_whole_sequence_moves_merged_cells_exactly(compressed: Llama) -> None:
+    llm = compressed
+    mem = lib.llama_get_memory(llm._ctx)
+    llm.reset()
+    llm("Notes on the weather. " + FILLER * 60, max_tokens=4, temperature=0.0)
+    before = llm.kv_cluster_stats()
+    pos = cell_positions(llm._ctx)[:before["cells"]]
+    assert before["passes"] > 0
+    lib.llama_memory_seq_add(mem, 0, -1, -1, 7)  # a context shift of everything: exact for centroids
+    after = llm.kv_cluster_stats()
+    assert (after["pos_merged_min"], after["pos_merged_max"]) == (before["pos_merged_min"] + 7,
+                                                                  before["pos_merged_max"] + 7)
+    assert cell_positions(llm._ctx)[:before["cells"]] == [p + 7 for p in pos]
+    # still refused inside the (moved) merged region
+    assert not lib.llama_memory_seq_rm(mem, 0, after["pos_merged_min"] + 1, -1)
+    # the next decode applies the K-shift (RoPE of every cell, centroids included) and continues after it
+    llm._tokens += [llm.token_bos()] * 7
+    llm.eval(llm.tokenize(" and", add_bos=False))
+    assert llm.kv_cluster_stats()["tokens"] == before["tokens"] + 1
+    assert max(cell_positions(llm._ctx)) == before["tokens"] + 7

@@ -169,6 +169,28 @@ void llama_kv_cache::chelsea_clear() {
     st.any_merged = false;
 }
 
+void llama_kv_cache::chelsea_seq_move(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift, int d) {
+    auto & seq = chelsea->seqs[seq_id];
+    if (seq.n_merged == 0 || p1 <= seq.pos_merged_min || p0 > seq.pos_merged_max) {
+        return;
+    }
+    auto moved = [&](llama_pos p) { return d != 1 ? p / d : p + shift; };
+    if (p0 <= seq.pos_merged_min && p1 > seq.pos_merged_max) {
+        // the whole merged region moves together: a uniform RoPE shift of centroids is exact
+        seq.pos_merged_min = moved(seq.pos_merged_min);
+        seq.pos_merged_max = moved(seq.pos_merged_max);
+        return;
+    }
+    // part of the merged region moves: merged cells carry representative positions, so this is not exact;
+    // widen the range so that later removals stay refused wherever a merged cell may now be
+    LLAMA_LOG_WARN("%s: seq %d: moving positions [%d, %d) splits merged cells [%d, %d]; the result is approximate\n",
+            __func__, seq_id, p0, p1, seq.pos_merged_min, seq.pos_merged_max);
+    const llama_pos lo = std::max(p0, seq.pos_merged_min);
+    const llama_pos hi = std::min(p1 - 1, seq.pos_merged_max);
+    seq.pos_merged_min = std::min(seq.pos_merged_min, moved(lo));
+    seq.pos_merged_max = std::max(seq.pos_merged_max, moved(hi));
+}
+
 void llama_kv_cache::chelsea_state_write_check(llama_seq_id seq_id) const {
     const auto & st = *chelsea;
     for (uint32_t s = 0; s < n_seq_max; ++s) {
