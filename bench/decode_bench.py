@@ -8,7 +8,7 @@ One command, one run, ratios computed inside it (these machines are noisy):
 Each configuration feeds one growing document (Python's own reference text, pydoc_data, offline) and, at
 each depth, generates --n-gen tokens greedily: decode tok/s at that depth. Clustered runs compress after
 each prompt chunk and online while generating, so their decode time includes that work. Results go to
-bench/results/decode_bench.{json,md}.
+bench/results/decode_bench.{json,md}, and a plot to decode_bench.png when matplotlib is there (.[bench]).
 """
 
 from __future__ import annotations
@@ -124,6 +124,12 @@ def main() -> int:
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     (out / f"{stem}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
+    try:
+        from plot_decode import plot
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot")
+    else:
+        print(plot(out / f"{stem}.json"))
     return 0
 
 
