@@ -604,13 +604,14 @@ _NEUTRAL_VALUES: dict[str, tuple[Any, ...]] = {
     "mirostat_mode": (0,), "grammar": (None,), "logit_bias": (None, {}), "stopping_criteria": (None,),
     "logits_processor": (None,), "functions": (None, []), "function_call": (None,), "tools": (None, []),
     "tool_choice": (None,), "response_format": (None,), "frequency_penalty": (0.0,), "presence_penalty": (0.0,),
+    "n": (None, 1),
 }
-_ANY_VALUE = {"model", "mirostat_tau", "mirostat_eta", "user", "n"}
+_ANY_VALUE = {"model", "mirostat_tau", "mirostat_eta", "user"}
 
 
 def reject_unsupported(extra: dict[str, Any]) -> None:
     for name, value in extra.items():
-        if name in _ANY_VALUE and (name != "n" or value in (None, 1)):
+        if name in _ANY_VALUE:
             continue
         if name in _NEUTRAL_VALUES and value in _NEUTRAL_VALUES[name]:
             continue

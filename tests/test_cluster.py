@@ -11,18 +11,13 @@ from chelsea_gguf import Llama
 from chelsea_gguf._lib import ffi, lib
 from chelsea_gguf.cluster import cell_positions, cluster_sizes
 from chelsea_gguf.passkey import FILLER, passkey_prompt
+from chelsea_gguf.sampling import SamplingParams
 
 PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
 
 
 def greedy_tokens(llm: Llama, prompt: str, n: int) -> list[int]:
-    return list(llm.generate_tokens(llm.tokenize(prompt), _greedy(), n))
-
-
-def _greedy():
-    from chelsea_gguf.sampling import SamplingParams
-
-    return SamplingParams(temperature=0.0)
+    return list(llm.generate_tokens(llm.tokenize(prompt), SamplingParams(temperature=0.0), n))
 
 
 def test_nothing_compressible_equals_full_cache(model_path: Path) -> None:

@@ -39,6 +39,24 @@ llama_kv_cache * clusterable_cache(const llama_context * ctx) {
     return nullptr;
 }
 
+// the clustered cache of a context, if clustering is on and seq_id is a sequence of it
+llama_kv_cache * clustered_cache(const llama_context * ctx, llama_seq_id seq_id) {
+    llama_kv_cache * kv = ctx ? clusterable_cache(ctx) : nullptr;
+    if (kv == nullptr || !kv->chelsea || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
+        return nullptr;
+    }
+    return kv;
+}
+
+// every cell of stream strm (all streams for -1) back to standing for one token
+void reset_sizes(const chelsea_kv_state & st, int64_t strm) {
+    for (ggml_tensor * t : st.sizes) {
+        const int64_t per_stream = t->ne[0]*t->ne[1];
+        const std::vector<float> ones(strm < 0 ? ggml_nelements(t) : per_stream, 1.0f);
+        ggml_backend_tensor_set(t, ones.data(), strm < 0 ? 0 : strm*t->nb[2], ones.size()*sizeof(float));
+    }
+}
+
 void set_error(char * err, size_t err_len, const std::string & msg) {
     if (err != nullptr && err_len > 0) {
         snprintf(err, err_len, "%s", msg.c_str());
@@ -159,10 +177,7 @@ bool llama_kv_cache::chelsea_enable(const chelsea_kv_cluster_params & params, st
 
 void llama_kv_cache::chelsea_clear() {
     auto & st = *chelsea;
-    for (ggml_tensor * s : st.sizes) {
-        std::vector<float> ones(ggml_nelements(s), 1.0f);
-        ggml_backend_tensor_set(s, ones.data(), 0, ggml_nbytes(s));
-    }
+    reset_sizes(st, -1);
     for (auto & seq : st.seqs) {
         seq = chelsea_seq_state();
     }
@@ -273,11 +288,7 @@ bool llama_kv_cache::chelsea_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
         for (llama_seq_id s : seqs) {
             auto & seq = st.seqs[s];
             if (seq.n_merged > 0 && p0 <= seq.pos_merged_min && p1 > seq.pos_merged_max) {
-                const uint32_t strm = seq_to_stream[s];
-                for (ggml_tensor * t : st.sizes) {
-                    std::vector<float> ones(t->ne[0]*t->ne[1], 1.0f);
-                    ggml_backend_tensor_set(t, ones.data(), strm*t->nb[2], ones.size()*sizeof(float));
-                }
+                reset_sizes(st, seq_to_stream[s]);
                 seq.n_merged = 0;
                 seq.pos_merged_min = seq.pos_merged_max = -1;
             }
@@ -455,11 +466,6 @@ bool llama_kv_cache::chelsea_run_pass(llama_context * lctx, uint32_t strm, uint3
 // C API
 //
 
-const chelsea_kv_state * chelsea_state_of(const llama_context * ctx) {
-    const llama_kv_cache * kv = ctx ? clusterable_cache(ctx) : nullptr;
-    return kv ? kv->chelsea.get() : nullptr;
-}
-
 chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     chelsea_kv_cluster_params p;
     p.ratio      = 0.25f;
@@ -505,8 +511,8 @@ int32_t chelsea_kv_cluster_enable(llama_context * ctx, const chelsea_kv_cluster_
 }
 
 int32_t chelsea_kv_cluster_compress(llama_context * ctx, llama_seq_id seq_id) {
-    llama_kv_cache * kv = ctx ? clusterable_cache(ctx) : nullptr;
-    if (kv == nullptr || !kv->chelsea || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
+    llama_kv_cache * kv = clustered_cache(ctx, seq_id);
+    if (kv == nullptr) {
         return -1;
     }
     auto & seq = kv->chelsea->seqs[seq_id];
@@ -518,8 +524,8 @@ int32_t chelsea_kv_cluster_compress(llama_context * ctx, llama_seq_id seq_id) {
 }
 
 int32_t chelsea_kv_cluster_seq_stats_get(const llama_context * ctx, llama_seq_id seq_id, chelsea_kv_cluster_seq_stats * out) {
-    const llama_kv_cache * kv = ctx ? clusterable_cache(ctx) : nullptr;
-    if (kv == nullptr || !kv->chelsea || out == nullptr || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
+    const llama_kv_cache * kv = clustered_cache(ctx, seq_id);
+    if (kv == nullptr || out == nullptr) {
         return -1;
     }
     const auto & seq = kv->chelsea->seqs[seq_id];
@@ -547,9 +553,9 @@ int32_t chelsea_kv_cluster_cell_positions(const llama_context * ctx, llama_seq_i
 }
 
 int32_t chelsea_kv_cluster_sizes(const llama_context * ctx, llama_seq_id seq_id, int32_t layer, float * out, int32_t n_cells) {
-    const llama_kv_cache * kv = ctx ? clusterable_cache(ctx) : nullptr;
-    if (kv == nullptr || !kv->chelsea || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max() ||
-        layer < 0 || (size_t) layer >= kv->chelsea->sizes.size() || n_cells < 0 || (uint32_t) n_cells > kv->get_size()) {
+    const llama_kv_cache * kv = clustered_cache(ctx, seq_id);
+    if (kv == nullptr || layer < 0 || (size_t) layer >= kv->chelsea->sizes.size() || n_cells < 0 ||
+        (uint32_t) n_cells > kv->get_size()) {
         return -1;
     }
     const ggml_tensor * s = kv->chelsea->sizes[layer];

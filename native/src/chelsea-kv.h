@@ -39,6 +39,3 @@ struct chelsea_kv_state {
         return n;
     }
 };
-
-// clustering state of the context's clustered cache, or nullptr
-const chelsea_kv_state * chelsea_state_of(const llama_context * ctx);

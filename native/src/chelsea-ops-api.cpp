@@ -37,6 +37,17 @@ void transpose(const float * src, float * dst, int64_t rows, int64_t cols) {
     }
 }
 
+// reads a tensor as [cells][channels] f32, whether it stores cells as rows or (transposed) as columns
+void load_cells(const ggml_tensor * t, bool transposed, float * dst) {
+    if (!transposed) {
+        load_rows(t, dst);
+        return;
+    }
+    std::vector<float> rows((size_t) ggml_nelements(t));
+    load_rows(t, rows.data());
+    transpose(rows.data(), dst, t->ne[1], t->ne[0]);
+}
+
 } // namespace
 
 int32_t chelsea_ops_run_cpu(
@@ -98,17 +109,11 @@ int32_t chelsea_ops_run_cpu(
         return -1;
     }
 
-    std::vector<float> buf((size_t) n_span*n_embd);
     if (k_in) {
         load_rows(tk, k_in);
     }
     if (v_in) {
-        if (v_trans) {
-            load_rows(tv, buf.data());
-            transpose(buf.data(), v_in, n_embd, n_span);
-        } else {
-            load_rows(tv, v_in);
-        }
+        load_cells(tv, v_trans, v_in);
     }
     if (match) {
         memcpy(match, tm->data, ggml_nbytes(tm));
@@ -120,12 +125,7 @@ int32_t chelsea_ops_run_cpu(
         load_rows(tko, k_out);
     }
     if (v_out) {
-        if (v_trans) {
-            load_rows(tvo, buf.data());
-            transpose(buf.data(), v_out, n_embd, n_out);
-        } else {
-            load_rows(tvo, v_out);
-        }
+        load_cells(tvo, v_trans, v_out);
     }
     ggml_free(ctx);
     return 0;
