@@ -528,7 +528,8 @@ class Llama:
     # ------------------------------------------------------------------ state
 
     def save_state(self) -> LlamaState:
-        """Snapshot of the context (KV cache, tokens). With clustering, refused once cells were merged."""
+        """Snapshot of the context (KV cache, tokens). With clustering it carries the cluster sizes, and only a
+        context with clustering enabled can load it."""
         self._require_open()
         _lib.clear_recent_errors()
         size = lib.llama_state_get_size(self._ctx)

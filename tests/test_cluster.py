@@ -207,23 +207,60 @@ def test_quantized_cache_clusters_and_still_retrieves(model_path: Path) -> None:
     assert sizes["q8_0"] < 0.6 * sizes["f16"]
 
 
-def test_state_round_trip_before_merging_and_refusal_after(model_path: Path) -> None:
+def test_state_round_trip_keeps_merged_cells_and_their_sizes(model_path: Path) -> None:
     with Llama(str(model_path), n_ctx=2048, verbose=False, kv_cluster=True, kv_cluster_ratio=0.25) as llm:
         llm(PROMPT, max_tokens=4, temperature=0.0)
-        state = llm.save_state()  # nothing merged yet: a plain state
-        expected = llm(PROMPT + " Rome", max_tokens=6, temperature=0.0)["choices"][0]["text"]
+        plain = llm.save_state()  # nothing merged yet
         llm.reset()
-        llm.load_state(state)
-        assert llm(PROMPT + " Rome", max_tokens=6, temperature=0.0)["choices"][0]["text"] == expected
-        # once cells are merged, saving would drop their cluster sizes: refused with a message
         llm("Notes. " + FILLER * 40, max_tokens=2, temperature=0.0)
-        assert llm.kv_cluster_stats()["passes"] > 0
-        with pytest.raises(RuntimeError, match="merged KV cells"):
-            llm.save_state()
-        # a plain state loads into the compressed context, replacing it exactly
-        llm.load_state(state)
+        stats = llm.kv_cluster_stats()
+        assert stats["passes"] > 0
+        n = stats["cells"]
+        sizes = cluster_sizes(llm._ctx, 0, n)
+        positions = cell_positions(llm._ctx)[:n]
+        merged = llm.save_state()
+        follow_up = llm.tokenize(" The weather today is", add_bos=False)
+
+        def continuation() -> list[int]:  # decodes on top of the cached cells, which stay the prefix
+            return list(llm.generate_tokens(list(llm._tokens) + follow_up, SamplingParams(temperature=0.0), 8))
+
+        expected = continuation()
+
+        llm.load_state(plain)  # a plain state replaces the compressed context exactly
         assert llm.kv_cluster_stats()["pos_merged_min"] == -1
-        assert llm(PROMPT + " Rome", max_tokens=6, temperature=0.0)["choices"][0]["text"] == expected
+        assert max(max(h) for h in cluster_sizes(llm._ctx, 0, n)) == 1.0
+
+        llm.load_state(merged)
+        again = llm.kv_cluster_stats()
+        assert {k: again[k] for k in ("tokens", "cells", "pos_merged_min", "pos_merged_max", "passes")} == \
+               {k: stats[k] for k in ("tokens", "cells", "pos_merged_min", "pos_merged_max", "passes")}
+        assert cluster_sizes(llm._ctx, 0, n) == sizes
+        assert cell_positions(llm._ctx)[:n] == positions
+        assert continuation() == expected
+
+        # a clustered state names what it needs instead of loading wrongly into a plain context
+        with Llama(str(model_path), n_ctx=2048, verbose=False) as plain_ctx:
+            with pytest.raises(ValueError, match="KV-cache clustering"):
+                plain_ctx.load_state(merged)
+            assert plain_ctx(PROMPT, max_tokens=4, temperature=0.0)["choices"][0]["text"]
+
+
+def test_sequence_state_round_trip_with_merged_cells(model_path: Path) -> None:
+    with Llama(str(model_path), n_ctx=2048, verbose=False, kv_cluster=True, kv_cluster_ratio=0.25) as llm:
+        llm("Notes. " + FILLER * 40, max_tokens=2, temperature=0.0)
+        stats = llm.kv_cluster_stats()
+        n = stats["cells"]
+        sizes = cluster_sizes(llm._ctx, 0, n)
+        size = lib.llama_state_seq_get_size(llm._ctx, 0)
+        buf = ffi.new("uint8_t[]", size)
+        assert lib.llama_state_seq_get_data(llm._ctx, buf, size, 0) == size
+        lib.llama_memory_clear(lib.llama_get_memory(llm._ctx), True)
+        assert llm.kv_cluster_stats()["cells"] == 0
+        assert lib.llama_state_seq_set_data(llm._ctx, buf, size, 0) == size
+        again = llm.kv_cluster_stats()
+        assert (again["tokens"], again["cells"], again["pos_merged_min"], again["pos_merged_max"]) == \
+               (stats["tokens"], n, stats["pos_merged_min"], stats["pos_merged_max"])
+        assert cluster_sizes(llm._ctx, 0, n) == sizes
 
 
 def test_shifting_the_whole_sequence_moves_merged_cells_exactly(compressed: Llama) -> None:
