@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from chelsea_gguf.cluster import options_from_keywords
 from chelsea_gguf.kv import MIB
-from chelsea_gguf.llama import Llama, Timings, _cluster_options
+from chelsea_gguf.llama import Llama, Timings
 from chelsea_gguf.models import ModelFetchError
 from chelsea_gguf.options import FLASH_ATTN_MODES, KV_CACHE_TYPES, parse_context_size
 
@@ -56,17 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-penalty", dest="repeat_penalty", type=float, default=1.0)
     p.add_argument("--no-display-prompt", dest="display_prompt", action="store_false",
                    help="do not echo the prompt before the generated text")
-    g = p.add_argument_group("KV-cache clustering (Chelsea)")
-    g.add_argument("--kv-cluster", action="store_true",
-                   help="cluster the KV cache online: ~ratio x the KV memory, faster decoding at long depth")
-    g.add_argument("--kv-ratio", type=float, default=None, metavar="R", help="cells kept per token seen (default 0.25)")
-    g.add_argument("--kv-chunk", type=int, default=None, metavar="C", help="cells per matching chunk, even (default 64)")
-    g.add_argument("--kv-sinks", type=int, default=None, metavar="N", help="first tokens never merged (default 16)")
-    g.add_argument("--kv-recent", type=int, default=None, metavar="N", help="last tokens never merged (default 64)")
-    g.add_argument("--kv-interval", type=int, default=None, metavar="G",
-                   help="compress when G cells over budget while generating (default 64)")
-    g.add_argument("--kv-no-bias", dest="kv_bias", action="store_false",
-                   help="do not add log(cluster size) to attention logits")
+    add_cluster_arguments(p)
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
     return p
 
@@ -138,22 +129,43 @@ def run_chat(llm: Llama, args: argparse.Namespace, inp: TextIO, out: TextIO) -> 
         print(format_summary(llm, llm.last_timings), file=sys.stderr)
 
 
+def add_cluster_arguments(p: argparse.ArgumentParser, *, on_by_default: bool = False) -> None:
+    """The KV-clustering flags of chelsea-run (opt in with --kv-cluster) and chelsea-server (on unless
+    --no-kv-cluster)."""
+    g = p.add_argument_group("KV-cache clustering (Chelsea)")
+    if on_by_default:
+        g.add_argument("--no-kv-cluster", dest="kv_cluster", action="store_false",
+                       help="keep the full KV cache (clustering is on by default)")
+    else:
+        g.add_argument("--kv-cluster", action="store_true",
+                       help="cluster the KV cache online: ~ratio x the KV memory, faster decoding at long depth")
+    g.add_argument("--kv-ratio", type=float, default=None, metavar="R", help="cells kept per token seen (default 0.25)")
+    g.add_argument("--kv-chunk", type=int, default=None, metavar="C", help="cells per matching chunk, even (default 64)")
+    g.add_argument("--kv-sinks", type=int, default=None, metavar="N", help="first tokens never merged (default 16)")
+    g.add_argument("--kv-recent", type=int, default=None, metavar="N", help="last tokens never merged (default 64)")
+    g.add_argument("--kv-interval", type=int, default=None, metavar="G",
+                   help="compress when G cells over budget while generating (default 64)")
+    g.add_argument("--kv-no-bias", dest="kv_bias", action="store_false",
+                   help="do not add log(cluster size) to attention logits")
+
+
 CLUSTER_FLAGS = {"kv_cluster_ratio": "--kv-ratio", "kv_cluster_chunk": "--kv-chunk", "kv_cluster_sinks": "--kv-sinks",
                  "kv_cluster_recent": "--kv-recent", "kv_cluster_interval": "--kv-interval",
                  "kv_cluster_bias": "--kv-no-bias"}
 
 
-def _cluster_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+def cluster_kwargs_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The Llama keywords the clustering flags ask for; ValueError naming the flag if one is bad."""
     given = {"kv_cluster_ratio": args.kv_ratio, "kv_cluster_chunk": args.kv_chunk, "kv_cluster_sinks": args.kv_sinks,
              "kv_cluster_recent": args.kv_recent, "kv_cluster_interval": args.kv_interval,
              "kv_cluster_bias": None if args.kv_bias else False}
     chosen = {k: v for k, v in given.items() if v is not None}
     if chosen and not args.kv_cluster:
-        raise ValueError(f"{', '.join(CLUSTER_FLAGS[k] for k in chosen)}: needs --kv-cluster")
+        raise ValueError(f"{', '.join(CLUSTER_FLAGS[k] for k in chosen)}: clustering is off")
     if not args.kv_cluster:
         return {}
     try:
-        _cluster_options(**{k[len("kv_cluster_"):]: v for k, v in chosen.items()})
+        options_from_keywords(chosen)
     except ValueError as e:
         message = str(e)
         for keyword, flag in CLUSTER_FLAGS.items():
@@ -181,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:
             parser.error(f"-f {args.file}: {e.strerror or e}")
     try:
-        cluster_kwargs = _cluster_kwargs(args)
+        cluster_kwargs = cluster_kwargs_of(args)
     except ValueError as e:
         parser.error(str(e))
     try:

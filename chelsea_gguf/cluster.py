@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -66,6 +68,22 @@ def default_options() -> ClusterOptions:
     return ClusterOptions(ratio=round(p.ratio, 6), chunk=p.chunk, sinks=p.n_sink, recent=p.n_recent,
                           interval=p.interval, max_passes=p.max_passes, pass_fraction=round(p.pass_fraction, 6),
                           bias=bool(p.log_bias))
+
+
+# Llama's kv_cluster_* keywords and the ClusterOptions fields they set
+KEYWORD_FIELDS = {"kv_cluster_ratio": "ratio", "kv_cluster_chunk": "chunk", "kv_cluster_sinks": "sinks",
+                  "kv_cluster_recent": "recent", "kv_cluster_interval": "interval", "kv_cluster_bias": "bias",
+                  "kv_cluster_max_passes": "max_passes", "kv_cluster_pass_fraction": "pass_fraction"}
+
+
+def options_from_keywords(keywords: Mapping[str, Any]) -> ClusterOptions:
+    """The C library's defaults, overridden by the kv_cluster_* keywords given (None keeps the default)."""
+    unknown = sorted(set(keywords) - set(KEYWORD_FIELDS))
+    if unknown:
+        raise TypeError(f"unknown KV-cluster keyword(s): {', '.join(unknown)} "
+                        f"(known: {', '.join(KEYWORD_FIELDS)})")
+    chosen = {KEYWORD_FIELDS[k]: v for k, v in keywords.items() if v is not None}
+    return dataclasses.replace(default_options(), **chosen).validated()
 
 
 def enable(ctx: Any, options: ClusterOptions) -> None:

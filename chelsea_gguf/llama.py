@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 import uuid
@@ -122,10 +121,11 @@ class Llama:
         kv_type_v = parse_kv_type(type_v, "type_v")
         if not isinstance(kv_cluster, bool):
             raise ValueError(f"kv_cluster: expected a bool, got {kv_cluster!r}")
-        cluster_options = _cluster_options(ratio=kv_cluster_ratio, chunk=kv_cluster_chunk, sinks=kv_cluster_sinks,
-                                           recent=kv_cluster_recent, interval=kv_cluster_interval,
-                                           bias=kv_cluster_bias, max_passes=kv_cluster_max_passes,
-                                           pass_fraction=kv_cluster_pass_fraction)
+        cluster_options = cluster.options_from_keywords({
+            "kv_cluster_ratio": kv_cluster_ratio, "kv_cluster_chunk": kv_cluster_chunk,
+            "kv_cluster_sinks": kv_cluster_sinks, "kv_cluster_recent": kv_cluster_recent,
+            "kv_cluster_interval": kv_cluster_interval, "kv_cluster_bias": kv_cluster_bias,
+            "kv_cluster_max_passes": kv_cluster_max_passes, "kv_cluster_pass_fraction": kv_cluster_pass_fraction})
         if chat_format is not None and not isinstance(chat_format, str):
             raise ValueError(f"chat_format: expected a template name such as 'chatml', got {chat_format!r}")
 
@@ -573,12 +573,6 @@ class Llama:
         if self.kv_cluster_options is None:
             raise RuntimeError("kv_cluster is off for this Llama")
         return int(lib.chelsea_kv_cluster_compress(self._ctx, 0))
-
-
-def _cluster_options(**given: Any) -> cluster.ClusterOptions:
-    """The C library's defaults, overridden by the kv_cluster_* keywords that were given."""
-    chosen = {k: v for k, v in given.items() if v is not None}
-    return dataclasses.replace(cluster.default_options(), **chosen).validated()
 
 
 def _chat_chunks(chunks: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -21,6 +21,9 @@ fi
 
 PYTHON="${PYTHON:-python3}"
 "$PYTHON" -m pip install -q "scikit-build-core>=0.10" "cffi>=1.17" "cmake>=3.21" ninja
+# llama-cpp-python's Python side only (its own llama.cpp build switched off): chelsea_gguf.compat runs it,
+# and its OpenAI server, on this package's patched libllama
+CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$PYTHON" -m pip install -q "llama-cpp-python[server]==0.3.36"
 # ccache keys on paths relative to the checkout, so a second clone reuses the first one's objects
 export CCACHE_BASEDIR="$PWD"
 "$PYTHON" -m pip install -q --no-build-isolation -e ".[test,gemma]"

@@ -1,0 +1,205 @@
+"""Existing llama-cpp-python code on chelsea-gguf: ``llama_cpp`` on our patched llama.cpp, plus ``kv_cluster*``.
+
+    import chelsea_gguf.compat        # first: points llama_cpp at this package's libllama
+    import llama_cpp
+
+    llm = llama_cpp.Llama("model.gguf", n_ctx=32768, kv_cluster=True, kv_cluster_ratio=0.2)
+
+llama-cpp-python 0.3.36 vendors the same llama.cpp commit our patches apply to, so its ctypes bindings load
+our ``libllama`` unchanged (installed without its own native build, see README). The keywords mean what they
+mean on :class:`chelsea_gguf.Llama`: with clustering the context is allocated for about ``ratio * n_ctx``
+cells while ``n_ctx()`` stays the logical context. ``kv_cluster=False`` (the default) leaves ``Llama``
+exactly as stock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import importlib
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from chelsea_gguf import cluster
+from chelsea_gguf._lib import ffi, lib, library_dir
+from chelsea_gguf.kv import read_kv_stats
+
+__all__ = ["LLAMA_CPP_PYTHON_VERSION", "CompatError", "install", "set_cluster_defaults", "kv_cluster_stats"]
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+INSTALL_COMMAND = ('CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" '
+                   f'pip install "llama-cpp-python[server]=={LLAMA_CPP_PYTHON_VERSION}"')
+
+CLUSTER_KEYWORDS = ("kv_cluster", *cluster.KEYWORD_FIELDS)
+
+_cluster_defaults: dict[str, Any] = {}
+
+
+class CompatError(ImportError):
+    """llama_cpp cannot run on chelsea-gguf's libraries in this process (and why)."""
+
+
+def _libllama_name() -> str:
+    return "libllama.dylib" if sys.platform == "darwin" else "libllama.so"
+
+
+def _same_library(llama_cpp_lib: ctypes.CDLL) -> bool:
+    """True if llama_cpp's ctypes handle is the libllama our cffi module is linked to (already loaded, so
+    RTLD_NOLOAD hands back that very object)."""
+    try:
+        ours = ctypes.CDLL(str(library_dir() / _libllama_name()), mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False
+    return ours._handle == llama_cpp_lib._handle
+
+
+def _check_loaded(module: ModuleType) -> None:
+    handle: ctypes.CDLL = module._lib  # type: ignore[attr-defined]
+    if not _same_library(handle):
+        raise CompatError(
+            f"llama_cpp was already imported with its own libllama ({handle._name}); chelsea_gguf.compat must be "
+            f"imported before llama_cpp, so that both use {library_dir() / _libllama_name()} "
+            "(two llama.cpp builds in one process cannot share contexts)")
+
+
+def install() -> ModuleType:
+    """Import ``llama_cpp`` on chelsea-gguf's libraries and add the ``kv_cluster*`` keywords to
+    ``llama_cpp.Llama``; returns the module. Safe to call more than once."""
+    loaded = sys.modules.get("llama_cpp.llama_cpp")
+    if loaded is not None:
+        _check_loaded(loaded)
+    else:
+        ours = library_dir()
+        given = os.environ.get("LLAMA_CPP_LIB_PATH")
+        if given and Path(given).resolve() != ours.resolve():
+            raise CompatError(f"LLAMA_CPP_LIB_PATH={given} points at another llama.cpp build; chelsea_gguf.compat "
+                              f"loads llama_cpp on {ours} (unset the variable)")
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(ours)
+        try:
+            importlib.import_module("llama_cpp")
+        except ModuleNotFoundError as e:
+            if e.name != "llama_cpp":
+                raise
+            raise CompatError(f"llama-cpp-python is not installed; install it without its own llama.cpp build: "
+                              f"{INSTALL_COMMAND}") from None
+        _check_loaded(sys.modules["llama_cpp.llama_cpp"])
+    llama_cpp = sys.modules["llama_cpp"]
+    version = getattr(llama_cpp, "__version__", "?")
+    if version != LLAMA_CPP_PYTHON_VERSION:
+        raise CompatError(f"llama-cpp-python {version} is installed; chelsea-gguf is built against the llama.cpp of "
+                          f"{LLAMA_CPP_PYTHON_VERSION} (its bindings mirror that commit): {INSTALL_COMMAND}")
+    _patch_llama_class(llama_cpp.llama.Llama)
+    return llama_cpp
+
+
+def set_cluster_defaults(**keywords: Any) -> None:
+    """Clustering keywords for every ``llama_cpp.Llama(...)`` that gives none of its own (chelsea-server uses
+    this, since llama_cpp.server constructs the model itself). Validated now; no keywords: back to stock."""
+    unknown = sorted(set(keywords) - set(CLUSTER_KEYWORDS))
+    if unknown:
+        raise TypeError(f"set_cluster_defaults: unknown keyword(s) {', '.join(unknown)}")
+    _cluster_options(keywords)
+    _cluster_defaults.clear()
+    _cluster_defaults.update(keywords)
+
+
+def _cluster_options(keywords: dict[str, Any]) -> cluster.ClusterOptions | None:
+    on = keywords.get("kv_cluster", False)
+    if not isinstance(on, bool):
+        raise ValueError(f"kv_cluster: expected a bool, got {on!r}")
+    options = cluster.options_from_keywords({k: v for k, v in keywords.items() if k != "kv_cluster"})
+    return options if on else None
+
+
+def _n_ctx_train(model_path: str) -> int:
+    """The model's trained context, read without loading its weights."""
+    params = lib.llama_model_default_params()
+    params.vocab_only = True
+    model = lib.llama_model_load_from_file(str(model_path).encode(), params)
+    if model == ffi.NULL:
+        raise ValueError(f"failed to load model from {model_path}")
+    try:
+        return int(lib.llama_model_n_ctx_train(model))
+    finally:
+        lib.llama_model_free(model)
+
+
+def _context_pointer(llm: Any) -> Any:
+    return ffi.cast("struct llama_context *", ctypes.cast(llm._ctx.ctx, ctypes.c_void_p).value)
+
+
+def kv_cluster_stats(llm: Any) -> dict[str, Any]:
+    """Clustering of sequence 0 of a ``llama_cpp.Llama``: tokens, cells, passes, compressions, time_ms,
+    compression, and the KV allocation in MiB (also available as ``llm.kv_cluster_stats()``)."""
+    if getattr(llm, "kv_cluster_options", None) is None:
+        raise RuntimeError("kv_cluster is off for this Llama")
+    ctx = _context_pointer(llm)
+    stats = cluster.read_stats(ctx, 0).as_dict()
+    stats["kv_mib"] = read_kv_stats(ctx, 0).kv_mib
+    return stats
+
+
+def _patch_llama_class(cls: type) -> None:
+    if getattr(cls, "_chelsea_patched", False):
+        return
+    stock_init = cls.__init__
+    stock_n_ctx = cls.n_ctx
+    stock_getstate = cls.__getstate__
+
+    @functools.wraps(stock_init)
+    def __init__(self: Any, model_path: str, *args: Any, **kwargs: Any) -> None:
+        given = {k: kwargs.pop(k) for k in CLUSTER_KEYWORDS if k in kwargs}
+        keywords = given if given else dict(_cluster_defaults)
+        try:
+            options = _cluster_options(keywords)
+        except (TypeError, ValueError):
+            self._stack = contextlib.ExitStack()  # what stock __del__ closes, as after its own early failures
+            raise
+        self.kv_cluster_options = options
+        self._chelsea_keywords = keywords if options is not None else {}
+        if options is None:
+            stock_init(self, model_path, *args, **kwargs)
+            return
+        logical = int(kwargs.get("n_ctx", 512)) or _n_ctx_train(model_path)
+        n_batch = int(kwargs.get("n_batch", 512))
+        # the context holds about ratio * n_ctx cells; positions (and llama_cpp's token buffers) span n_ctx
+        kwargs["n_ctx"] = options.physical_cells(logical, min(n_batch, logical))
+        stock_init(self, model_path, *args, **kwargs)
+        self._chelsea_n_ctx = logical
+        self._n_ctx = logical
+        self.input_ids = np.zeros((logical,), dtype=np.intc)
+        if self._logits_all:
+            self.scores = np.zeros((logical, self._n_vocab), dtype=np.single)
+        try:
+            cluster.enable(_context_pointer(self), options)
+        except ValueError:
+            with contextlib.suppress(Exception):
+                self.close()
+            raise
+
+    def n_ctx(self: Any) -> int:
+        return getattr(self, "_chelsea_n_ctx", None) or stock_n_ctx(self)
+
+    n_ctx.__doc__ = "Return the context window size (with kv_cluster: the logical context, more than the cells)."
+
+    def __getstate__(self: Any) -> dict[str, Any]:
+        state = stock_getstate(self)
+        if getattr(self, "kv_cluster_options", None) is not None:
+            state["n_ctx"] = self._chelsea_n_ctx
+            state.update(self._chelsea_keywords)
+        return state
+
+    cls.__init__ = __init__
+    cls.n_ctx = n_ctx
+    cls.__getstate__ = __getstate__
+    cls.kv_cluster_stats = kv_cluster_stats
+    cls._chelsea_patched = True
+
+
+install()
