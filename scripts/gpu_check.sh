@@ -52,16 +52,17 @@ patches = sorted(p.name for p in Path("ggml_patches").glob("*.patch"))
 laid = json.loads((tree / ".chelsea-patches.json").read_text())
 print(f"-- {tree}: {len(laid)} patched files; patches now: {len(patches)} (re-run cmake there if they changed)")
 EOF
-    rm -rf .device && mkdir -p .device/src .device/wheels
+    rm -rf .device && mkdir -p .device/src
     grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
-    rsync -a --delete \
-        --exclude 'docs/' --exclude 'models/' --exclude 'tools/' --exclude 'examples/' --exclude 'media/' \
-        --exclude 'benches/' --exclude 'gguf-py/' --exclude '.github/' \
-        --exclude 'ggml/src/ggml-vulkan/' --exclude 'ggml/src/ggml-sycl/' --exclude 'ggml/src/ggml-cann/' \
-        --exclude 'ggml/src/ggml-opencl/' --exclude 'ggml/src/ggml-musa/' --exclude 'ggml/src/ggml-hip/' \
-        --exclude 'ggml/src/ggml-webgpu/' --exclude 'ggml/src/ggml-zdnn/' --exclude 'ggml/src/ggml-hexagon/' \
-        --exclude 'ggml/src/ggml-kompute/' --exclude 'ggml/src/ggml-virtgpu/' --exclude 'ggml/src/ggml-openvino/' \
-        "$src/" .device/src/llama.cpp/
+    mkdir -p .device/src/llama.cpp
+    tar -C "$src" -cf - \
+        --exclude='./docs' --exclude='./models' --exclude='./tools' --exclude='./examples' --exclude='./media' \
+        --exclude='./benches' --exclude='./gguf-py' --exclude='./.github' \
+        --exclude='./ggml/src/ggml-vulkan' --exclude='./ggml/src/ggml-sycl' --exclude='./ggml/src/ggml-cann' \
+        --exclude='./ggml/src/ggml-opencl' --exclude='./ggml/src/ggml-musa' --exclude='./ggml/src/ggml-hip' \
+        --exclude='./ggml/src/ggml-webgpu' --exclude='./ggml/src/ggml-zdnn' --exclude='./ggml/src/ggml-hexagon' \
+        --exclude='./ggml/src/ggml-openvino' --exclude='./ggml/src/ggml-virtgpu' --exclude='./ggml/src/ggml-zendnn' \
+        . | tar -C .device/src/llama.cpp -xf - || exit 1
     # the tests' CMakeLists.txt names vocab files as arguments only; tools/ and examples/ are off
     mkdir -p .device/src/llama.cpp/tools .device/src/llama.cpp/examples
     # 2. cffi for the Python side (the device's Python is 3.12 and has no cffi)
