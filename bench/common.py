@@ -1,0 +1,128 @@
+"""What every benchmark shares: the KV-cache methods compared, how each gets the same budget, the offline
+reference text, and the provenance recorded with results (commit, CPU, cores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from chelsea_gguf import Llama
+from chelsea_gguf.baselines import ContextShift, Session, StreamingEviction
+from chelsea_gguf.cluster import default_options
+
+RESULTS = Path(__file__).resolve().parent / "results"
+N_BATCH = 256   # prompt chunk for every method: Chelsea compresses between chunks, baselines evict between them
+
+
+@dataclass(frozen=True)
+class Method:
+    """A KV-cache configuration. kind: full | chelsea | streaming | shift (baselines use Chelsea's cells at R)."""
+
+    name: str
+    kind: str = "full"
+    ratio: float = 1.0
+    bias: bool = True
+    type_kv: str | None = None      # None: f16
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def llama_kwargs(self) -> dict[str, Any]:
+        kw: dict[str, Any] = {}
+        if self.type_kv:
+            kw.update(type_k=self.type_kv, type_v=self.type_kv)
+            # llama.cpp needs flash attention for a quantized V cache
+            kw["flash_attn"] = True
+        if self.kind == "chelsea":
+            kw.update(kv_cluster=True, kv_cluster_ratio=self.ratio, kv_cluster_bias=self.bias)
+        return kw
+
+
+def chelsea(ratio: float, bias: bool = True, type_kv: str | None = None) -> Method:
+    name = f"chelsea R={ratio:g}" + ("" if bias else " no-bias") + (f" {type_kv}" if type_kv else "")
+    return Method(name, "chelsea", ratio, bias, type_kv)
+
+
+FULL = Method("full f16")
+RATIOS = (0.5, 0.25, 0.2, 0.1)
+
+
+def budget_methods(ratios: tuple[float, ...] = RATIOS) -> list[Method]:
+    """Chelsea at each R, and at each R the baselines with the same physical cells."""
+    out: list[Method] = []
+    for r in ratios:
+        out += [chelsea(r), chelsea(r, bias=False), Method(f"streaming R={r:g}", "streaming", r),
+                Method(f"context shift R={r:g}", "shift", r)]
+    return out
+
+
+def chelsea_cells(ratio: float, n_ctx: int) -> int:
+    """Physical cells Chelsea allocates at ratio R for a logical context n_ctx (the baselines get the same)."""
+    from dataclasses import replace
+
+    return replace(default_options(), ratio=ratio).physical_cells(n_ctx, N_BATCH)
+
+
+def open_method(method: Method, n_ctx: int, model_path: str | None = None, n_threads: int | None = None) -> Llama:
+    """A Llama for `method` that can take n_ctx tokens of one sequence: the baselines get the physical cells
+    Chelsea would allocate at their R, and make room by evicting (see ``new_session``)."""
+    if method.kind in ("streaming", "shift"):
+        n_ctx = chelsea_cells(method.ratio, n_ctx)
+    return Llama(model_path, n_ctx=n_ctx, n_batch=N_BATCH, n_threads=n_threads, verbose=False,
+                 **method.llama_kwargs())
+
+
+def new_session(llm: Llama, method: Method, n_ctx: int) -> Session:
+    """A fresh session (cleared cache); eviction policies are stateful, so each session gets a new one."""
+    if method.kind in ("streaming", "shift"):
+        opts = default_options()
+        cls = StreamingEviction if method.kind == "streaming" else ContextShift
+        # Chelsea's requested cells at this R (before llama.cpp pads the allocation to 256): its peak
+        # holding, budget plus one prompt chunk, so both hold the same number of cells at most
+        return Session(llm, cls(chelsea_cells(method.ratio, n_ctx), opts.sinks))
+    return Session(llm)
+
+
+def reference_text() -> str:
+    """Long English prose available offline: the topic help of Python's stdlib ``pydoc_data.topics``."""
+    import pydoc_data.topics as topics
+
+    return "\n\n".join(topics.topics[k] for k in sorted(topics.topics))
+
+
+def document_tokens(llm: Llama, n: int) -> list[int]:
+    tokens = llm.tokenize(reference_text())
+    if len(tokens) < n:
+        raise SystemExit(f"the reference text has only {len(tokens)} tokens, fewer than {n}")
+    return tokens[:n]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def provenance(command: str, **extra: Any) -> dict[str, Any]:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True, cwd=Path(__file__).parent).stdout.strip()
+    return {"commit": (commit or "unknown") + ("+dirty" if dirty else ""), "cpu": cpu_model(),
+            "cores": len(os.sched_getaffinity(0)), "machine": platform.machine(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command, **extra}
+
+
+def write_json(name: str, data: dict[str, Any], out: Path = RESULTS) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path

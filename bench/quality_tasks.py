@@ -1,0 +1,91 @@
+"""Retrieval quality: a passkey grid (context length x needle depth) and RULER-style tasks, per KV-cache method.
+
+    python3 bench/quality_tasks.py            # passkey 1.5k/3k x 3 depths, RULER tasks at 2k; R = 0.2
+    python3 bench/quality_tasks.py --quick    # passkey 768 tokens at depth 0.5, a multi-key needle task at 512
+
+Every method answers the same prompts greedily; each is scored on its own (accuracy) and against the
+full cache at the same length (``agree_full``: the same answer text as the full cache). Baselines get the
+physical cells Chelsea allocates at the same R (bench/common.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+from chelsea_gguf.passkey import passkey_prompt
+
+from common import FULL, Method, budget_methods, new_session, open_method, provenance, write_json
+from ruler import GENERATORS, fit_size, make_task
+
+PK_GEN = 8
+
+
+def answer(method: Method, prompt_tokens: list[int], n_gen: int, threads: int) -> tuple[str, int, float]:
+    """Greedy answer, cells held when it started, seconds."""
+    t0 = time.perf_counter()
+    n_ctx = len(prompt_tokens) + n_gen + 16
+    with open_method(method, n_ctx, n_threads=threads) as llm:
+        with new_session(llm, method, n_ctx) as s:
+            out = s.greedy(prompt_tokens, n_gen)
+            cells = s.cells_used()
+        text = llm.detokenize(out).decode("utf-8", errors="replace")
+    return text, cells, time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ratios", default="0.2", help="comma-separated R for Chelsea and the baselines")
+    args = ap.parse_args()
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    if args.quick:
+        lengths, depths, ruler_len, seeds, tasks = [768], [0.5], 512, [1], ["multikey"]
+    else:
+        lengths, depths, ruler_len, seeds, tasks = [1536, 3072], [0.1, 0.5, 0.9], 2048, [1], list(GENERATORS)
+    methods = [FULL] + budget_methods(ratios)
+    t_start = time.time()
+    with open_method(FULL, 16, n_threads=1) as tok_llm:
+        def count(text: str) -> int:
+            return len(tok_llm.tokenize(text))
+
+        items: list[dict[str, Any]] = []
+        for length in lengths:
+            for depth in depths:
+                seed = 1000 + length + int(depth * 100)
+                size = fit_size(lambda k: passkey_prompt(k, depth, seed).prompt, length, count)
+                pk = passkey_prompt(size, depth, seed)
+                items.append({"task": "passkey", "length": length, "depth": depth, "seed": seed,
+                              "tokens": tok_llm.tokenize(pk.prompt), "n_gen": PK_GEN,
+                              "score": lambda out, pk=pk: float(pk.retrieved(out))})
+        for name in tasks:
+            for seed in seeds:
+                task = make_task(name, ruler_len, seed, count)
+                items.append({"task": name, "length": ruler_len, "depth": None, "seed": seed,
+                              "tokens": tok_llm.tokenize(task.prompt), "n_gen": task.n_gen, "score": task.score})
+    rows: list[dict[str, Any]] = []
+    full_answers: dict[int, str] = {}
+    for m in methods:
+        for i, item in enumerate(items):
+            text, cells, secs = answer(m, item["tokens"], item["n_gen"], args.threads)
+            if m.kind == "full":
+                full_answers[i] = text
+            row = {"method": m.name, "kind": m.kind, "ratio": m.ratio, "bias": m.bias, "task": item["task"],
+                   "length": item["length"], "n_tokens": len(item["tokens"]), "depth": item["depth"],
+                   "seed": item["seed"], "score": item["score"](text), "agree_full": text == full_answers.get(i),
+                   "answer": text, "cells_held": cells, "seconds": round(secs, 1)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    meta = provenance("python3 bench/quality_tasks.py" + (" --quick" if args.quick else ""),
+                      model="SmolLM2-135M-Instruct Q4_1", threads=args.threads, ratios=list(ratios),
+                      wall_s=round(time.time() - t_start, 1))
+    print(write_json("quality_tasks_quick" if args.quick else "quality_tasks", {"meta": meta, "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
