@@ -1,6 +1,6 @@
 """Retrieval quality: a passkey grid (context length x needle depth) and RULER-style tasks, per KV-cache method.
 
-    python3 bench/quality_tasks.py            # passkey 1.5k/3k x 3 depths, RULER tasks at 2k; R = 0.2
+    python3 bench/quality_tasks.py            # passkey 1k/2k x 3 depths, RULER tasks at 1k; R = 0.2
     python3 bench/quality_tasks.py --quick    # passkey 768 tokens at depth 0.5, a multi-key needle task at 512
 
 Every method answers the same prompts greedily; each is scored on its own (accuracy) and against the
@@ -46,7 +46,7 @@ def main() -> int:
     if args.quick:
         lengths, depths, ruler_len, seeds, tasks = [768], [0.5], 512, [1], ["multikey"]
     else:
-        lengths, depths, ruler_len, seeds, tasks = [1536, 3072], [0.1, 0.5, 0.9], 2048, [1], list(GENERATORS)
+        lengths, depths, ruler_len, seeds, tasks = [1024, 2048], [0.1, 0.5, 0.9], 1024, [1], list(GENERATORS)
     methods = [FULL] + budget_methods(ratios)
     t_start = time.time()
     with open_method(FULL, 16, n_threads=1) as tok_llm:

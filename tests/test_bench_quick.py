@@ -1,0 +1,84 @@
+"""Smoke tests of the benchmark machinery: per-token logits, the eviction baselines, the RULER-style tasks.
+
+Small contexts on the real default model, so this stays well under a minute on 2 cores; the benchmarks
+themselves are smoke-run by ``python3 bench/run_all.py --quick``.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chelsea_gguf import Llama
+from chelsea_gguf.baselines import ContextShift, Session, StreamingEviction, log_softmax
+from chelsea_gguf.passkey import FILLER
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import ruler  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def llm(model_path: Path) -> Iterator[Llama]:
+    # one thread: on a busy 2-core machine llama.cpp's two spinning threads are several times slower
+    with Llama(str(model_path), n_ctx=512, n_batch=256, n_threads=1, verbose=False) as model:
+        yield model
+
+
+@pytest.fixture(scope="module")
+def tokens(llm: Llama) -> list[int]:
+    return llm.tokenize(FILLER * 16)[:320]
+
+
+def test_session_logits_match_eval(llm: Llama, tokens: list[int]) -> None:
+    with Session(llm, chunk=64) as s:
+        rows = s.feed(tokens, logits_from=len(tokens) - 3)
+    assert rows.shape == (3, llm.n_vocab())
+    llm.reset()
+    llm.eval(tokens)
+    from chelsea_gguf._lib import ffi, lib
+
+    last = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(llm._ctx, -1), 4 * llm.n_vocab()), dtype=np.float32)
+    np.testing.assert_allclose(rows[-1], last, rtol=1e-3, atol=1e-3)
+    lp = log_softmax(rows)
+    np.testing.assert_allclose(np.exp(lp).sum(-1), 1.0, rtol=1e-6)
+
+
+def test_streaming_eviction_keeps_sinks_and_window(llm: Llama, tokens: list[int]) -> None:
+    policy = StreamingEviction(capacity=128, n_sink=4)
+    with Session(llm, policy) as s:
+        s.feed(tokens)
+        assert s.cells_used() <= 128
+        mem = s.mem
+        from chelsea_gguf._lib import lib
+
+        # original positions kept: the newest is the last token's, the oldest a sink
+        assert lib.llama_memory_seq_pos_max(mem, 0) == len(tokens) - 1
+        assert lib.llama_memory_seq_pos_min(mem, 0) == 0
+
+
+def test_context_shift_reindexes(llm: Llama, tokens: list[int]) -> None:
+    policy = ContextShift(capacity=128, n_keep=4)
+    with Session(llm, policy) as s:
+        s.feed(tokens)
+        from chelsea_gguf._lib import lib
+
+        assert s.cells_used() <= 128
+        assert lib.llama_memory_seq_pos_max(s.mem, 0) == s.n_past - 1 < 128
+        out = s.greedy(llm.tokenize(" The grass is"), 3)
+    assert len(out) == 3
+
+
+@pytest.mark.parametrize("name", sorted(ruler.GENERATORS))
+def test_ruler_tasks_are_seeded_and_scorable(name: str) -> None:
+    a = ruler.GENERATORS[name](40, random.Random(7))
+    b = ruler.GENERATORS[name](40, random.Random(7))
+    assert a == b
+    assert a.score(" " + ", ".join(a.answers) + ".") == 1.0
+    assert a.score(" nothing") == 0.0
+    for ans in a.answers:
+        assert ans in a.prompt
