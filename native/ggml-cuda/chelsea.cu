@@ -325,7 +325,7 @@ static __device__ __forceinline__ void chelsea_atomic_add(double * addr, const d
 }
 
 // one block per head; the per-head work is a few passes over n_span cells
-static __global__ void chelsea_plan_f32(
+static __global__ void __launch_bounds__(1024, 1) chelsea_plan_f32(
         const char * m, const int64_t m_nb0, const int64_t m_nb1, const int64_t m_nb2,
         const char * s, const int64_t s_nb0, const int64_t s_nb1,
         float * dst, const int c0, const int n_remove, const int n_region, const int n_span,
@@ -487,7 +487,7 @@ static __global__ void chelsea_merge_count(
 }
 
 // one block per head: offs[h][d] = sum of count[h][0..d), offs[h][n_out] = n_span
-static __global__ void chelsea_merge_offsets(const int * count, const int n_out, int * offs) {
+static __global__ void __launch_bounds__(1024, 1) chelsea_merge_offsets(const int * count, const int n_out, int * offs) {
     const int h = blockIdx.x;
     __shared__ int scan_smem[WARP_SIZE];
 
