@@ -32,18 +32,8 @@ REFUSED: list[tuple[Builder, str, str]] = [
     (tiny_gguf.qwen2vl, "M-RoPE", r"multi-dimensional positions \(M-RoPE\) cannot be clustered"),
     (tiny_gguf.bloom, "ALiBi", r"ALiBi position biases cannot be clustered"),
 ]
-# a hybrid model with a sliding window gets llama_memory_hybrid_iswa, which chelsea_kv_cluster_enable does not
-# recognise as hybrid (it tests llama_memory_recurrent and llama_memory_hybrid only): it is refused, but with
-# the generic "this model's memory type cannot be clustered", which does not name the reason
-HYBRID_ISWA_UNNAMED = pytest.mark.xfail(
-    strict=True, reason="llama_memory_hybrid_iswa (LFM2 with attention.sliding_window) is refused as 'this "
-                        "model's memory type cannot be clustered', not named hybrid")
-MARKS = {"lfm2": [HYBRID_ISWA_UNNAMED]}
-
-
 def cases() -> list[object]:
-    return [pytest.param(b.__name__, reason, id=f"{kind}-{b.__name__}", marks=MARKS.get(b.__name__, []))
-            for b, kind, reason in REFUSED]
+    return [pytest.param(b.__name__, reason, id=f"{kind}-{b.__name__}") for b, kind, reason in REFUSED]
 
 
 PROMPT = [1, 2, 3, 4]

@@ -15,6 +15,7 @@
 #include "llama-io.h"
 #include "llama-kv-cache-iswa.h"
 #include "llama-kv-cache.h"
+#include "llama-memory-hybrid-iswa.h"
 #include "llama-memory-hybrid.h"
 #include "llama-memory-recurrent.h"
 #include "llama-model.h"
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <stdexcept>
 #include <string>
@@ -49,13 +51,34 @@ llama_kv_cache * clustered_cache(const llama_context * ctx, llama_seq_id seq_id)
     return kv;
 }
 
-// every cell of stream strm (all streams for -1) back to standing for one token
-void reset_sizes(const chelsea_kv_state & st, int64_t strm) {
+// every cell back to standing for one token
+void reset_all_sizes(const chelsea_kv_state & st) {
     for (ggml_tensor * t : st.sizes) {
-        const int64_t per_stream = t->ne[0]*t->ne[1];
-        const std::vector<float> ones(strm < 0 ? ggml_nelements(t) : per_stream, 1.0f);
-        ggml_backend_tensor_set(t, ones.data(), strm < 0 ? 0 : strm*t->nb[2], ones.size()*sizeof(float));
+        const std::vector<float> ones(ggml_nelements(t), 1.0f);
+        ggml_backend_tensor_set(t, ones.data(), 0, ones.size()*sizeof(float));
     }
+}
+
+// cells idxs (increasing) of stream strm back to standing for one token
+void reset_cell_sizes(const chelsea_kv_state & st, uint32_t strm, const std::vector<uint32_t> & idxs) {
+    for (size_t i0 = 0; i0 < idxs.size(); ) {
+        size_t i1 = i0 + 1;
+        while (i1 < idxs.size() && idxs[i1] == idxs[i1 - 1] + 1) {
+            ++i1;
+        }
+        const std::vector<float> ones(i1 - i0, 1.0f);
+        for (ggml_tensor * t : st.sizes) {
+            for (int64_t h = 0; h < t->ne[1]; ++h) {
+                ggml_backend_tensor_set(t, ones.data(), strm*t->nb[2] + h*t->nb[1] + idxs[i0]*sizeof(float),
+                        ones.size()*sizeof(float));
+            }
+        }
+        i0 = i1;
+    }
+}
+
+bool any_merged(const chelsea_kv_state & st) {
+    return std::any_of(st.seqs.begin(), st.seqs.end(), [](const chelsea_seq_state & q) { return q.n_merged > 0; });
 }
 
 void set_error(char * err, size_t err_len, const std::string & msg) {
@@ -178,33 +201,90 @@ bool llama_kv_cache::chelsea_enable(const chelsea_kv_cluster_params & params, st
 
 void llama_kv_cache::chelsea_clear() {
     auto & st = *chelsea;
-    reset_sizes(st, -1);
+    reset_all_sizes(st);
     for (auto & seq : st.seqs) {
         seq = chelsea_seq_state();
     }
     st.any_merged = false;
 }
 
-void llama_kv_cache::chelsea_seq_move(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift, int d) {
+bool llama_kv_cache::chelsea_seq_move(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift, int d) {
     auto & seq = chelsea->seqs[seq_id];
     if (seq.n_merged == 0 || p1 <= seq.pos_merged_min || p0 > seq.pos_merged_max) {
-        return;
+        return true;
     }
-    auto moved = [&](llama_pos p) { return d != 1 ? p / d : p + shift; };
-    if (p0 <= seq.pos_merged_min && p1 > seq.pos_merged_max) {
-        // the whole merged region moves together: a uniform RoPE shift of centroids is exact
-        seq.pos_merged_min = moved(seq.pos_merged_min);
-        seq.pos_merged_max = moved(seq.pos_merged_max);
-        return;
+    // a uniform shift of the whole merged region rotates every member of a centroid alike: exact. Anything else
+    // (a part of the region, a division, a shift below position 0 that would drop cells) is not
+    const bool whole = p0 <= seq.pos_merged_min && p1 > seq.pos_merged_max;
+    if (d != 1 || !whole || seq.pos_merged_min + shift < 0) {
+        LLAMA_LOG_ERROR("%s: seq %d: refusing to %s positions [%d, %d): merged cells cover [%d, %d] and would not stay exact\n",
+                __func__, seq_id, d != 1 ? "divide" : "shift", p0, p1, seq.pos_merged_min, seq.pos_merged_max);
+        return false;
     }
-    // part of the merged region moves: merged cells carry representative positions, so this is not exact;
-    // widen the range so that later removals stay refused wherever a merged cell may now be
-    LLAMA_LOG_WARN("%s: seq %d: moving positions [%d, %d) splits merged cells [%d, %d]; the result is approximate\n",
-            __func__, seq_id, p0, p1, seq.pos_merged_min, seq.pos_merged_max);
-    const llama_pos lo = std::max(p0, seq.pos_merged_min);
-    const llama_pos hi = std::min(p1 - 1, seq.pos_merged_max);
-    seq.pos_merged_min = std::min(seq.pos_merged_min, moved(lo));
-    seq.pos_merged_max = std::max(seq.pos_merged_max, moved(hi));
+    seq.pos_merged_min += shift;
+    seq.pos_merged_max += shift;
+    return true;
+}
+
+bool llama_kv_cache::chelsea_seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id_dst, llama_pos p0, llama_pos p1) {
+    auto & st  = *chelsea;
+    auto & src = st.seqs[seq_id_src];
+    auto & dst = st.seqs[seq_id_dst];
+    if (seq_id_src == seq_id_dst) {
+        return true;
+    }
+    const uint32_t s0 = seq_to_stream[seq_id_src];
+    const uint32_t s1 = seq_to_stream[seq_id_dst];
+    if (s0 != s1) {
+        // a whole-stream copy (llama.cpp allows no other): dst's stream becomes src's, cluster sizes included
+        for (ggml_tensor * t : st.sizes) {
+            std::vector<uint8_t> buf(t->nb[2]);
+            ggml_backend_tensor_get(t, buf.data(), s0*t->nb[2], buf.size());
+            ggml_backend_tensor_set(t, buf.data(), s1*t->nb[2], buf.size());
+        }
+        dst = src;
+        dst.pending = dst.forced = false;
+        st.any_merged = any_merged(st);
+        return true;
+    }
+    if (src.n_merged == 0) {
+        return true;
+    }
+    p0 = p0 < 0 ? 0 : p0;
+    p1 = p1 < 0 ? std::numeric_limits<llama_pos>::max() : p1;
+    if (p1 <= src.pos_merged_min || p0 > src.pos_merged_max) {
+        return true;
+    }
+    // dst shares the merged cells: it must take all of them, and have none of its own to account for
+    if (!(p0 <= src.pos_merged_min && p1 > src.pos_merged_max) || dst.n_merged > 0) {
+        LLAMA_LOG_ERROR("%s: refusing to copy positions [%d, %d) of seq %d to seq %d: %s\n", __func__, p0, p1,
+                seq_id_src, seq_id_dst, dst.n_merged > 0 ? "the destination holds merged cells of its own"
+                                                         : "it would split merged cells");
+        return false;
+    }
+    dst.n_merged       = src.n_merged;
+    dst.pos_merged_min = src.pos_merged_min;
+    dst.pos_merged_max = src.pos_merged_max;
+    return true;
+}
+
+void llama_kv_cache::chelsea_seq_keep(llama_seq_id seq_id) {
+    auto & st = *chelsea;
+    const uint32_t strm = seq_to_stream[seq_id];
+    const auto & cells = v_cells[strm];
+    std::vector<uint32_t> freed;
+    for (uint32_t i = 0; i < cells.size(); ++i) {
+        if (!cells.is_empty(i) && !cells.seq_has(i, seq_id)) {
+            freed.push_back(i);
+        }
+    }
+    reset_cell_sizes(st, strm, freed);
+    for (uint32_t s = 0; s < n_seq_max; ++s) {
+        if ((llama_seq_id) s != seq_id && seq_to_stream[s] == strm) {
+            st.seqs[s] = chelsea_seq_state();
+        }
+    }
+    st.any_merged = any_merged(st);
 }
 
 // high bit of the saved n_stream: a stock reader fails with "n_stream mismatch" instead of misreading
@@ -329,7 +409,7 @@ bool llama_kv_cache::chelsea_state_read(llama_io_read_i & io, uint32_t strm, uin
         }
         st.seqs[dst] = seq;
     }
-    st.any_merged = std::any_of(st.seqs.begin(), st.seqs.end(), [](const chelsea_seq_state & q) { return q.n_merged > 0; });
+    st.any_merged = any_merged(st);
     return true;
 }
 
@@ -345,15 +425,18 @@ bool llama_kv_cache::chelsea_pending() const {
 // a batch this small is a generation step (or a few speculative tokens), not a prompt chunk
 static constexpr uint32_t CHELSEA_DECODE_MAX_TOKENS = 8;
 
-uint32_t llama_context::chelsea_n_batch_tokens() const {
-    return balloc ? balloc->get_n_tokens() : 0;
+uint32_t llama_context::chelsea_n_batch_tokens(llama_seq_id seq_id) const {
+    if (!balloc || seq_id < 0) {
+        return balloc ? balloc->get_n_tokens() : 0;
+    }
+    const llama_pos p0 = balloc->seq_pos_min(seq_id);
+    return p0 < 0 ? 0 : (uint32_t) (balloc->seq_pos_max(seq_id) - p0 + 1);
 }
 
 bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize) {
     auto & st = *chelsea;
     const auto & p = st.params;
-    const uint32_t n_next   = lctx->chelsea_n_batch_tokens();
-    const bool     decoding = n_next <= CHELSEA_DECODE_MAX_TOKENS;
+    const bool decoding = lctx->chelsea_n_batch_tokens() <= CHELSEA_DECODE_MAX_TOKENS;
 
     bool any = false;
     for (uint32_t s = 0; s < n_seq_max; ++s) {
@@ -367,9 +450,11 @@ bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize)
         const uint32_t target = target_cells(p, n + seq.n_merged);
         const uint32_t free   = cells.size() - cells.used_max_p1();
         // while a prompt is fed in chunks, merge only when the next chunk would not fit: later merges see
-        // more of the prompt; once generating, keep the sequence within budget + interval
-        const bool over_budget = decoding && n > (int64_t) target + p.interval;
-        seq.pending = n > target && (seq.forced || optimize || over_budget || free < std::max(n_next, 1u));
+        // more of the prompt; once generating, keep the sequence within budget + interval. Only this
+        // sequence's own tokens count, so that other sequences' batches leave it as it is
+        const uint32_t n_next = lctx->chelsea_n_batch_tokens((llama_seq_id) s);
+        const bool over_budget = decoding && n_next > 0 && n > (int64_t) target + p.interval;
+        seq.pending = n > target && (seq.forced || optimize || over_budget || free < n_next);
         any = any || seq.pending;
     }
     return any;
@@ -401,16 +486,26 @@ bool llama_kv_cache::chelsea_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
         return false;
     }
     if (frees_merged) {
-        // every merged cell of these sequences goes: their cells become plain tokens again
+        // every merged cell of these sequences goes: the cells removal frees (not those another sequence
+        // shares) become plain tokens again
         for (llama_seq_id s : seqs) {
             auto & seq = st.seqs[s];
             if (seq.n_merged > 0 && p0 <= seq.pos_merged_min && p1 > seq.pos_merged_max) {
-                reset_sizes(st, seq_to_stream[s]);
+                const uint32_t strm = seq_to_stream[s];
+                const auto & cells = v_cells[strm];
+                std::vector<uint32_t> freed;
+                for (uint32_t i = 0; i < cells.size(); ++i) {
+                    if (!cells.is_empty(i) && cells.pos_in(i, p0, p1) && cells.seq_has(i, s) &&
+                        (seq_id < 0 || cells.seq_count(i) == 1)) {
+                        freed.push_back(i);
+                    }
+                }
+                reset_cell_sizes(st, strm, freed);
                 seq.n_merged = 0;
                 seq.pos_merged_min = seq.pos_merged_max = -1;
             }
         }
-        st.any_merged = std::any_of(st.seqs.begin(), st.seqs.end(), [](const chelsea_seq_state & q) { return q.n_merged > 0; });
+        st.any_merged = any_merged(st);
     }
     return true;
 }
@@ -610,7 +705,7 @@ int32_t chelsea_kv_cluster_enable(llama_context * ctx, const chelsea_kv_cluster_
         set_error(err, err_len, "recurrent models (state-space / RNN memory) have no KV cache to cluster");
         return -1;
     }
-    if (dynamic_cast<llama_memory_hybrid *>(mem) != nullptr) {
+    if (dynamic_cast<llama_memory_hybrid *>(mem) != nullptr || dynamic_cast<llama_memory_hybrid_iswa *>(mem) != nullptr) {
         set_error(err, err_len, "hybrid recurrent/attention models cannot be clustered");
         return -1;
     }

@@ -1,0 +1,199 @@
+"""Clustering with several sequences in one context, and the cache operations that move cells between them.
+
+chelsea_gguf.Llama drives sequence 0 only, so these tests build their contexts on its model with the C API.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from chelsea_gguf import Llama
+from chelsea_gguf._lib import ffi, lib
+from chelsea_gguf.cluster import ClusterOptions, cell_positions, cluster_sizes, enable, read_stats
+from chelsea_gguf.passkey import FILLER, passkey_prompt
+
+OPTIONS = ClusterOptions(ratio=0.25)
+N_BATCH = 512
+
+
+class Context:
+    """A llama_context with n_seq_max sequences on a loaded model, clustered, fed token by token list."""
+
+    def __init__(self, llm: Llama, n_ctx: int, n_seq_max: int, unified: bool) -> None:
+        params = lib.llama_context_default_params()
+        params.n_ctx = n_ctx
+        params.n_batch = params.n_ubatch = N_BATCH
+        params.n_seq_max = n_seq_max
+        params.kv_unified = unified
+        params.n_threads = params.n_threads_batch = 2
+        self.ctx = lib.llama_init_from_model(llm._model, params)
+        assert self.ctx != ffi.NULL
+        enable(self.ctx, OPTIONS)
+        self.mem = lib.llama_get_memory(self.ctx)
+        self.batch = lib.llama_batch_init(N_BATCH, 0, n_seq_max)
+        self.n_vocab = llm.n_vocab()
+        self.next_pos: dict[int, int] = {}
+        self.last_logits: dict[int, np.ndarray] = {}  # of each sequence's last fed token
+
+    def close(self) -> None:
+        lib.llama_batch_free(self.batch)
+        lib.llama_free(self.ctx)
+
+    def feed(self, seq: int, tokens: list[int]) -> None:
+        for start in range(0, len(tokens), N_BATCH):
+            chunk = tokens[start:start + N_BATCH]
+            pos = self.next_pos.get(seq, 0)
+            for i, tok in enumerate(chunk):
+                self.batch.token[i] = tok
+                self.batch.pos[i] = pos + i
+                self.batch.n_seq_id[i] = 1
+                self.batch.seq_id[i][0] = seq
+                self.batch.logits[i] = i == len(chunk) - 1
+            self.batch.n_tokens = len(chunk)
+            assert lib.llama_decode(self.ctx, self.batch) == 0
+            self.next_pos[seq] = pos + len(chunk)
+        self.last_logits[seq] = np.frombuffer(
+            ffi.buffer(lib.llama_get_logits_ith(self.ctx, -1), 4 * self.n_vocab), dtype=np.float32).copy()
+
+    def copy_sequence(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
+        lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
+        if lib.llama_memory_seq_pos_max(self.mem, dst) >= 0:
+            self.next_pos[dst] = self.next_pos[src]
+            self.last_logits[dst] = self.last_logits[src]
+
+    def greedy(self, seq: int, n: int) -> list[int]:
+        """n greedy tokens continuing seq."""
+        out = []
+        for _ in range(n):
+            out.append(int(np.argmax(self.last_logits[seq])))
+            self.feed(seq, out[-1:])
+        return out
+
+    def compress(self, seq: int) -> int:
+        return int(lib.chelsea_kv_cluster_compress(self.ctx, seq))
+
+    def stats(self, seq: int) -> dict[str, Any]:
+        return read_stats(self.ctx, seq).as_dict()
+
+
+@pytest.fixture(scope="module")
+def model(model_path: Path) -> Iterator[Llama]:
+    with Llama(str(model_path), n_ctx=256, verbose=False) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def prompts(model: Llama) -> list[list[int]]:
+    return [model.tokenize("Notes on the weather. " + FILLER * 40),
+            model.tokenize(passkey_prompt(40, 0.5, seed=3).prompt)]
+
+
+@pytest.fixture(scope="module")
+def single_runs(model: Llama, prompts: list[list[int]]) -> list[tuple[dict[str, Any], list[int]]]:
+    """Each prompt alone in a one-sequence context: compressed, then 8 greedy tokens."""
+    runs = []
+    for tokens in prompts:
+        c = Context(model, 2048, 1, True)
+        try:
+            c.feed(0, tokens)
+            c.compress(0)
+            runs.append((c.stats(0), c.greedy(0, 8)))
+        finally:
+            c.close()
+    return runs
+
+
+def test_per_sequence_streams_cluster_each_sequence_alone(model, prompts, single_runs) -> None:
+    c = Context(model, 2 * 2048, 2, unified=False)
+    try:
+        for seq, tokens in enumerate(prompts):
+            c.feed(seq, tokens)
+        for seq in (0, 1):
+            c.compress(seq)
+        for seq, (stats, continuation) in enumerate(single_runs):
+            got = c.stats(seq)
+            assert {k: got[k] for k in ("tokens", "cells", "passes")} == {k: stats[k] for k in ("tokens", "cells", "passes")}
+            assert c.greedy(seq, 8) == continuation
+    finally:
+        c.close()
+
+
+def test_copied_sequence_shares_merged_cells_and_never_merges_them(model, prompts, single_runs) -> None:
+    c = Context(model, 2048, 2, unified=True)
+    try:
+        c.feed(0, prompts[0])
+        c.compress(0)
+        before = c.stats(0)
+        n = before["cells"]
+        sizes = cluster_sizes(c.ctx, 0, n)
+        c.copy_sequence(0, 1)
+        copied = c.stats(1)
+        assert (copied["tokens"], copied["pos_merged_min"], copied["pos_merged_max"]) == \
+               (before["tokens"], before["pos_merged_min"], before["pos_merged_max"])
+        assert c.greedy(1, 8) == single_runs[0][1]
+        c.feed(0, prompts[1][1:40])
+        # shared cells stand for two sequences: neither may merge them
+        assert c.compress(0) == 0 and c.compress(1) == 0
+        assert cluster_sizes(c.ctx, 0, n) == sizes
+        # once sequence 0 is gone, sequence 1 is alone again and clusters as before
+        lib.llama_memory_seq_keep(c.mem, 1)
+        assert lib.llama_memory_seq_pos_max(c.mem, 0) == -1
+        assert c.compress(1) > 0
+        after = c.stats(1)
+        assert after["tokens"] == before["tokens"] + 8 and after["cells"] < n + 8
+    finally:
+        c.close()
+
+
+def test_copy_that_would_split_merged_cells_is_refused(model, prompts) -> None:
+    c = Context(model, 2048, 2, unified=True)
+    try:
+        c.feed(0, prompts[0])
+        c.compress(0)
+        stats = c.stats(0)
+        middle = (stats["pos_merged_min"] + stats["pos_merged_max"]) // 2
+        c.copy_sequence(0, 1, middle, -1)
+        assert lib.llama_memory_seq_pos_max(c.mem, 1) == -1  # nothing copied
+        assert c.stats(0) == stats
+    finally:
+        c.close()
+
+
+def test_cross_stream_copy_carries_cluster_sizes(model, prompts, single_runs) -> None:
+    c = Context(model, 2 * 2048, 2, unified=False)
+    try:
+        c.feed(0, prompts[0])
+        c.compress(0)
+        stats = c.stats(0)
+        n = stats["cells"]
+        c.copy_sequence(0, 1)  # a whole stream: the K/V copy happens at the next update
+        assert c.greedy(1, 8) == single_runs[0][1]
+        assert cluster_sizes(c.ctx, 0, n, seq_id=1) == cluster_sizes(c.ctx, 0, n, seq_id=0)
+        assert c.stats(1)["tokens"] == stats["tokens"] + 8
+    finally:
+        c.close()
+
+
+def test_inexact_position_moves_are_refused(model, prompts) -> None:
+    c = Context(model, 2048, 1, unified=True)
+    try:
+        c.feed(0, prompts[0])
+        c.compress(0)
+        stats = c.stats(0)
+        positions = cell_positions(c.ctx)
+        middle = (stats["pos_merged_min"] + stats["pos_merged_max"]) // 2
+        lib.llama_memory_seq_div(c.mem, 0, -1, -1, 2)                       # self-extend style: not exact
+        lib.llama_memory_seq_add(c.mem, 0, middle, -1, 5)                    # splits the merged region
+        lib.llama_memory_seq_add(c.mem, 0, -1, -1, -stats["pos_merged_min"] - 1)  # would drop merged cells
+        assert cell_positions(c.ctx) == positions
+        assert c.stats(0) == stats
+        lib.llama_memory_seq_add(c.mem, 0, middle + 10_000, -1, 5)           # past every cell: nothing moves
+        lib.llama_memory_seq_add(c.mem, 0, -1, -1, 3)                        # the whole region: exact, done
+        assert cell_positions(c.ctx)[:stats["cells"]] == [p + 3 for p in positions[:stats["cells"]]]
+    finally:
+        c.close()
