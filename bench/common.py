@@ -81,8 +81,8 @@ def new_session(llm: Llama, method: Method, n_ctx: int) -> Session:
     if method.kind in ("streaming", "shift"):
         opts = default_options()
         cls = StreamingEviction if method.kind == "streaming" else ContextShift
-        # Chelsea's requested cells at this R (before llama.cpp pads the allocation to 256): its peak
-        # holding, budget plus one prompt chunk, so both hold the same number of cells at most
+        # Chelsea's requested cells at this R (budget plus one prompt chunk), before llama.cpp pads the
+        # allocation to 256: Chelsea may fill the padding too, so this cap never favours the baseline
         return Session(llm, cls(chelsea_cells(method.ratio, n_ctx), opts.sinks))
     return Session(llm)
 

@@ -2,7 +2,7 @@
 and Chelsea clustering (R = 0.5, 0.25, 0.2, 0.1, and R = 0.2 stacked with q8_0).
 
     python3 bench/decode_bench.py                  # SmolLM2-135M, depths 2k, 4k, 8k, all configurations
-    python3 bench/decode_bench.py --model gemma    # Gemma-3-270M, depths 4k, 16k: full f16, q8_0, R=0.2
+    python3 bench/decode_bench.py --model gemma    # Gemma-3-270M, depths 4k, 16k: full f16, R=0.2
     python3 bench/decode_bench.py --quick          # SmolLM2, depths 512, 1k: full f16, q8_0, R=0.2
 
 Each configuration runs in its own process (peak RSS is per process), feeding one growing document
@@ -35,7 +35,7 @@ CONFIGS: dict[str, Method] = {m.name: m for m in [
     chelsea(0.5), chelsea(0.25), chelsea(0.2), chelsea(0.1), chelsea(0.2, type_kv="q8_0")]}
 PLANS: dict[str, tuple[list[int], list[str]]] = {
     "smollm2": ([2048, 4096, 8192], list(CONFIGS)),
-    "gemma": ([4096, 16384], ["full f16", "full q8_0", "chelsea R=0.2"]),
+    "gemma": ([4096, 16384], ["full f16", "chelsea R=0.2"]),
     "quick": ([512, 1024], ["full f16", "full q8_0", "chelsea R=0.2"]),
 }
 
