@@ -37,11 +37,12 @@ def family(method: str) -> str:
     return "no-bias" if "no-bias" in method else "chelsea"
 
 
-def retrieval(tasks: dict[str, Any] | None) -> dict[tuple[str, float], float]:
-    """Mean task score per (family, R) over all passkey and RULER items."""
+def retrieval(tasks: dict[str, Any] | None, task: str | None = None) -> dict[tuple[str, float], float]:
+    """Mean score per (family, R) over all passkey and RULER items, or over one task's items."""
     acc: dict[tuple[str, float], list[float]] = defaultdict(list)
     for r in (tasks or {}).get("rows", []):
-        acc[(family(r["method"]), r["ratio"])].append(r["score"])
+        if task is None or r["task"] == task:
+            acc[(family(r["method"]), r["ratio"])].append(r["score"])
     return {k: sum(v) / len(v) for k, v in acc.items()}
 
 
@@ -66,14 +67,16 @@ def fmt(x: float | None, spec: str = ".2f", unit: str = "") -> str:
 def headline(kld: dict[str, Any] | None, tasks: dict[str, Any] | None, speed: dict[str, Any] | None,
              gemma: dict[str, Any] | None) -> str:
     acc, kl = retrieval(tasks), kld_by(kld)
+    per_task = {t: retrieval(tasks, t) for t in dict.fromkeys(r["task"] for r in (tasks or {}).get("rows", []))}
     ratios = sorted({r for (_, r) in kl if r < 1} | {r for (_, r) in acc if r < 1} | {0.5, 0.25, 0.2, 0.1},
                     reverse=True)
     g_depth = max((r["depth"] for r in (gemma or {}).get("rows", [])), default=None)
     lines = [
-        "| R | KV MiB vs full | decode vs full (SmolLM2 @ longest) | decode vs full (Gemma @ "
-        f"{g_depth or '-'}) | retrieval: full / Chelsea / streaming / ctx shift / no-bias | "
+        "| R | KV MiB vs full | decode vs full (SmolLM2 @ longest) | "
+        + (f"decode vs full (Gemma @ {g_depth}) | " if gemma else "")
+        + "retrieval: full / Chelsea / streaming / ctx shift / no-bias | "
         "KLD: Chelsea / streaming / ctx shift / no-bias | Chelsea loses to |",
-        "|---:|---:|---:|---:|---|---|---|",
+        "|---:|---:|---:|" + ("---:|" if gemma else "") + "---|---|---|",
     ]
     for r in ratios:
         kv, sp, _ = speed_at_longest(speed, r)
@@ -84,11 +87,16 @@ def headline(kld: dict[str, Any] | None, tasks: dict[str, Any] | None, speed: di
         for i, f in enumerate(BASELINES):
             if a[1] is not None and a[2 + i] is not None and a[2 + i] > a[1]:
                 losses.append(f"{f} (retrieval)")
+            for task, per in per_task.items():
+                mine, theirs = per.get(("chelsea", r)), per.get((f, r))
+                if mine is not None and theirs is not None and theirs > mine:
+                    losses.append(f"{f} ({task})")
             if k[0] is not None and k[1 + i] is not None and k[1 + i] < k[0]:
                 losses.append(f"{f} (KLD)")
         if all(x is None for x in a[1:] + k) and kv is None:
             continue
-        lines.append(f"| {r:g} | {fmt(kv)} | {fmt(sp, '.2f', 'x')} | {fmt(gsp, '.2f', 'x')} | "
+        lines.append(f"| {r:g} | {fmt(kv)} | {fmt(sp, '.2f', 'x')} | "
+                     + (f"{fmt(gsp, '.2f', 'x')} | " if gemma else "")
                      + " / ".join(fmt(x) for x in a) + " | " + " / ".join(fmt(x, ".3f") for x in k)
                      + " | " + (", ".join(losses) or ("none" if any(x is not None for x in a[2:] + k[1:])
                                                       else "no baseline run at this R")) + " |")
