@@ -16,7 +16,7 @@ from chelsea_gguf import cluster
 from chelsea_gguf.chat import format_chat_prompt
 from chelsea_gguf.kv import KVStats, read_kv_stats
 from chelsea_gguf.models import resolve_model
-from chelsea_gguf.options import parse_context_size, parse_flash_attn, parse_kv_type, require_int
+from chelsea_gguf.options import parse_context_size, parse_flash_attn, parse_kv_type, require_float, require_int
 from chelsea_gguf.sampling import DEFAULT_SEED, Sampler, SamplingParams
 from chelsea_gguf.text import StopScanner
 
@@ -90,6 +90,9 @@ class Llama:
         n_threads: int | None = None,
         n_threads_batch: int | None = None,
         flash_attn: bool | str = False,
+        swa_full: bool | None = None,
+        rope_freq_base: float = 0.0,
+        rope_freq_scale: float = 0.0,
         type_k: int | str | None = None,
         type_v: int | str | None = None,
         chat_format: str | None = None,
@@ -118,6 +121,10 @@ class Llama:
         threads_batch = threads if n_threads_batch is None else require_int("n_threads_batch", n_threads_batch, 1, 1024)
         flash_attn_type = parse_flash_attn(flash_attn)
         kv_type_k = parse_kv_type(type_k, "type_k")
+        require_float("rope_freq_base", rope_freq_base, 0.0)    # 0: the model's own
+        require_float("rope_freq_scale", rope_freq_scale, 0.0)
+        if swa_full is not None and not isinstance(swa_full, bool):
+            raise ValueError(f"swa_full: expected a bool, got {swa_full!r}")
         kv_type_v = parse_kv_type(type_v, "type_v")
         if not isinstance(kv_cluster, bool):
             raise ValueError(f"kv_cluster: expected a bool, got {kv_cluster!r}")
@@ -164,7 +171,11 @@ class Llama:
         cparams.n_ubatch = min(n_ubatch, cparams.n_batch)
         cparams.n_threads = threads
         cparams.n_threads_batch = threads_batch
+        cparams.rope_freq_base = rope_freq_base
+        cparams.rope_freq_scale = rope_freq_scale
         cparams.flash_attn_type = flash_attn_type
+        if swa_full is not None:
+            cparams.swa_full = swa_full
         if kv_type_k is not None:
             cparams.type_k = kv_type_k
         if kv_type_v is not None:

@@ -9,7 +9,7 @@ import pytest
 from chelsea_gguf import Llama
 from chelsea_gguf.chat import format_chat_prompt
 from chelsea_gguf.models import gemma3_270m_path
-from chelsea_gguf.passkey import FILLER
+from chelsea_gguf.passkey import FILLER, passkey_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -55,3 +55,20 @@ def test_gemma_clusters_only_its_full_attention_cache() -> None:
         # the sliding-window cache is not clustered: it keeps whole tokens, more cells than the clustered one
         assert kv.n_cells_used > stats["cells"]
         assert "Earth" in out
+
+
+def test_gemma_clusters_beyond_its_cells_with_either_swa_cache() -> None:
+    """A prompt longer than the physical cells: the clustered full-attention cache keeps up, and the sliding-window
+    cache (window-sized, or full-sized with swa_full) recycles what its window no longer sees. swa_full changes
+    only how much the sliding-window cache holds, never what attention sees: both give the same answer."""
+    p = passkey_prompt(110, 0.3, seed=9)
+    answers, stats = [], []
+    for swa_full in (False, True):
+        with Llama(str(gemma3_270m_path()), n_ctx=4096, verbose=False, kv_cluster=True, kv_cluster_ratio=0.25,
+                   swa_full=swa_full) as g:
+            assert len(g.tokenize(p.prompt)) > g.n_cells()
+            answers.append(g(p.prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"])
+            s = g.kv_cluster_stats()
+            assert s["tokens"] == g.n_tokens and s["passes"] > 0
+            stats.append((s["tokens"], s["cells"], s["passes"]))
+    assert answers[0] == answers[1] and stats[0] == stats[1]
