@@ -12,6 +12,10 @@
 #                    bash scripts/gpu_check.sh bench        # passkey with -ngl 99 + decode 8k/32k, full vs clustered
 #                    bash scripts/gpu_check.sh all          # build + test + bench in one call (if time allows)
 #
+# Device time is short (15 min a task, 10 min a call): a from-scratch ggml-cuda build for sm_90 on its 16 cores is
+# the long part, so run `build` alone first (timeout_s ~590; a second `build` resumes where it stopped), then
+# `test` and `bench` in the same warm lease.
+#
 # Results go to $OUT (what the device tool brings back, at most 8 files: gpu.log, build.log, tbo.log and
 # gpu_check_<gpu>.{md,json}) and to bench/results/gpu_check_<gpu>.{md,json}.
 set -uo pipefail
@@ -35,23 +39,10 @@ gpu_name() {
 
 case "$PHASE" in
 prepare)
-    # 1. the patched llama.cpp tree (the build fetches the sdist with pip, which the device cannot), trimmed
-    #    to what a CUDA build with test-backend-ops needs
-    src="${CHELSEA_PATCHED_TREE:-}"
-    if [ -z "$src" ]; then
-        for d in build-cuda/llama.cpp build-cpucheck/llama.cpp build/*/llama.cpp; do
-            [ -f "$d/.chelsea-patches.json" ] && src="$d" && break
-        done
-    fi
-    [ -n "$src" ] || { echo "no laid out llama.cpp tree: configure a build dir first (cmake -S . -B build-cuda ...)"; exit 1; }
-    python3 - "$src" <<'EOF' || exit 1
-import json, sys
-from pathlib import Path
-tree = Path(sys.argv[1])
-patches = sorted(p.name for p in Path("ggml_patches").glob("*.patch"))
-laid = json.loads((tree / ".chelsea-patches.json").read_text())
-print(f"-- {tree}: {len(laid)} patched files; patches now: {len(patches)} (re-run cmake there if they changed)")
-EOF
+    # 1. the patched llama.cpp tree, laid out from the pinned sdist and ggml_patches/ as the build does (the
+    #    device cannot fetch the sdist), then trimmed to what a CUDA build with test-backend-ops needs
+    src=/tmp/chelsea-gpu-tree
+    python3 cmake/llama_cpp_source.py --dest "$src" --patches "$ROOT/ggml_patches" || exit 1
     rm -rf .device && mkdir -p .device/src
     grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
     mkdir -p .device/src/llama.cpp
@@ -82,8 +73,9 @@ EOF
     cat <<EOF
 -- plan (device tool, calls back to back so the machine stays warm):
    run carry=[".device/part1"] "bash scripts/gpu_check.sh stage"      (and so on for each partN)
-   run carry=[".device/src"]   "bash scripts/gpu_check.sh all"        (timeout_s 600)
-   if 'all' runs out of time: "bash scripts/gpu_check.sh test" / "... bench" with carry=[".device/src"]
+   run carry=[".device/src"]   "bash scripts/gpu_check.sh build"      (timeout_s 590; again if it stops)
+   run carry=[".device/src"]   "bash scripts/gpu_check.sh test"
+   run carry=[".device/src"]   "bash scripts/gpu_check.sh bench"      (needs every part staged)
 EOF
     ;;
 
