@@ -52,8 +52,8 @@ def run_one(config: dict[str, Any]) -> dict[str, Any]:
             t0 = time.perf_counter()
             answer = llm(p.prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"]
             out.update(prompt_tokens=llm.last_timings.prompt_tokens, seconds=round(time.perf_counter() - t0, 1),
-                       prompt_tok_s=round(llm.last_timings.prompt_tokens_per_second, 1),
-                       decode_tok_s=round(llm.last_timings.generation_tokens_per_second, 1),
+                       prompt_tok_s=round(llm.last_timings.prompt_tok_per_s, 1),
+                       decode_tok_s=round(llm.last_timings.generation_tok_per_s, 1),
                        passkey=p.passkey, answer=answer, retrieved=p.retrieved(answer))
             if config["ratio"] < 1.0:
                 stats = llm.kv_cluster_stats()
