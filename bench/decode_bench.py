@@ -135,6 +135,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1,
                     help="1 by default: on a shared 2-core machine one thread is faster and steadier")
+    ap.add_argument("--configs", help="comma-separated subset of: " + ", ".join(CONFIGS))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--depths", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -144,23 +145,33 @@ def main() -> int:
         return 0
     plan = "quick" if args.quick else args.model
     depths, configs = PLANS[plan]
+    if args.configs:
+        configs = args.configs.split(",")
+    if FULL.name not in configs:
+        raise SystemExit(f"--configs must include {FULL.name!r}: ratios are taken against it within the run")
+    # the full cache first, so that results can be written (with ratios) after every configuration
+    configs = [FULL.name] + [c for c in configs if c != FULL.name]
     t0 = time.time()
     rows: list[dict[str, Any]] = []
+    stem = {"smollm2": "decode_bench", "gemma": "decode_bench_gemma", "quick": "decode_bench_quick"}[plan]
+    command = "python3 bench/decode_bench.py" + (" --quick" if args.quick else
+                                                 (" --model gemma" if args.model == "gemma" else ""))
+    if args.configs:
+        command += f" --configs '{args.configs}'"
     for config in configs:
         result = run_config(config, depths, args)
         for r in result["rows"]:
             r["peak_rss_mib"] = result["peak_rss_mib"]
             print(json.dumps({k: v for k, v in r.items() if k != "decode_bursts"}), flush=True)
         rows += result["rows"]
-    add_ratios(rows)
-    stem = {"smollm2": "decode_bench", "gemma": "decode_bench_gemma", "quick": "decode_bench_quick"}[plan]
-    command = "python3 bench/decode_bench.py" + (" --quick" if args.quick else
-                                                 (" --model gemma" if args.model == "gemma" else ""))
-    meta = provenance(command, model="Gemma-3-270M Q4_K_M" if args.model == "gemma" else "SmolLM2-135M-Instruct Q4_1",
-                      threads=args.threads, n_gen=args.n_gen, reps=args.reps,
-                      n_ctx=max(depths) + args.reps * args.n_gen * len(depths) + 64, wall_s=round(time.time() - t0, 1))
-    path = write_json(stem, {"meta": meta, "rows": rows})
-    (RESULTS / f"{stem}.md").write_text(markdown(rows, meta))
+        add_ratios(rows)
+        # written after every configuration: an interrupted run keeps what it measured
+        meta = provenance(command, model="Gemma-3-270M Q4_K_M" if args.model == "gemma" else "SmolLM2-135M-Instruct Q4_1",
+                          threads=args.threads, n_gen=args.n_gen, reps=args.reps, configs_done=len(set(r["config"] for r in rows)),
+                          configs_planned=len(configs),
+                          n_ctx=max(depths) + args.reps * args.n_gen * len(depths) + 64, wall_s=round(time.time() - t0, 1))
+        path = write_json(stem, {"meta": meta, "rows": rows})
+        (RESULTS / f"{stem}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
     try:
         from plot_decode import plot

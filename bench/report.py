@@ -99,7 +99,9 @@ def headline(kld: dict[str, Any] | None, tasks: dict[str, Any] | None, speed: di
                      + (f"{fmt(gsp, '.2f', 'x')} | " if gemma else "")
                      + " / ".join(fmt(x) for x in a) + " | " + " / ".join(fmt(x, ".3f") for x in k)
                      + " | " + (", ".join(losses) or ("none" if any(x is not None for x in a[2:] + k[1:])
-                                                      else "no baseline run at this R")) + " |")
+                                                      else "no baseline run at this R"))
+                     + ("" if a[1] is not None or all(x is None for x in k[1:]) else " (KLD only: no retrieval run at this R)")
+                     + " |")
     return "\n".join(lines) + "\n"
 
 
