@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import functools
 import importlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from chelsea_gguf import cluster
-from chelsea_gguf._lib import ffi, lib, library_dir
+from chelsea_gguf._lib import ffi, lib, library_dir, take_back_log
 from chelsea_gguf.kv import read_kv_stats
 
 __all__ = ["LLAMA_CPP_PYTHON_VERSION", "CompatError", "install", "set_cluster_defaults", "kv_cluster_stats"]
@@ -95,7 +96,17 @@ def install() -> ModuleType:
         raise CompatError(f"llama-cpp-python {version} is installed; chelsea-gguf is built against the llama.cpp of "
                           f"{LLAMA_CPP_PYTHON_VERSION} (its bindings mirror that commit): {INSTALL_COMMAND}")
     _patch_llama_class(llama_cpp.llama.Llama)
+    # llama_cpp set its own log callback on import; ours keeps recent errors for chelsea_gguf's messages
+    take_back_log(_log_like_llama_cpp)
     return llama_cpp
+
+
+def _log_like_llama_cpp(level: int, message: str) -> None:
+    """What llama_cpp's own callback does with a message (its verbose switch decides)."""
+    from llama_cpp import _logger
+
+    if _logger.logger.level <= _logger.GGML_LOG_LEVEL_TO_LOGGING_LEVEL.get(level, logging.DEBUG):
+        print(message, end="", flush=True, file=sys.stderr)
 
 
 def set_cluster_defaults(**keywords: Any) -> None:
