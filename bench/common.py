@@ -22,7 +22,8 @@ N_BATCH = 256   # prompt chunk for every method: Chelsea compresses between chun
 
 @dataclass(frozen=True)
 class Method:
-    """A KV-cache configuration. kind: full | chelsea | streaming | shift (baselines use Chelsea's cells at R)."""
+    """A KV-cache configuration. kind: full | chelsea | random | streaming | shift (baselines use Chelsea's cells
+    at R; random is Chelsea's machinery merging random pairs instead of similar ones)."""
 
     name: str
     kind: str = "full"
@@ -37,8 +38,10 @@ class Method:
             kw.update(type_k=self.type_kv, type_v=self.type_kv)
             # llama.cpp needs flash attention for a quantized V cache
             kw["flash_attn"] = True
-        if self.kind == "chelsea":
+        if self.kind in ("chelsea", "random"):
             kw.update(kv_cluster=True, kv_cluster_ratio=self.ratio, kv_cluster_bias=self.bias)
+        if self.kind == "random":
+            kw.update(kv_cluster_random_pairs=True, kv_cluster_seed=RANDOM_SEED)
         return kw
 
 
@@ -49,15 +52,27 @@ def chelsea(ratio: float, bias: bool = True, type_kv: str | None = None) -> Meth
 
 FULL = Method("full f16")
 RATIOS = (0.5, 0.25, 0.2, 0.1)
+RANDOM_SEED = 1
 
 
 def budget_methods(ratios: tuple[float, ...] = RATIOS) -> list[Method]:
     """Chelsea at each R, and at each R the baselines with the same physical cells."""
     out: list[Method] = []
     for r in ratios:
-        out += [chelsea(r), chelsea(r, bias=False), Method(f"streaming R={r:g}", "streaming", r),
-                Method(f"context shift R={r:g}", "shift", r)]
+        out += [chelsea(r), chelsea(r, bias=False), Method(f"random merge R={r:g}", "random", r),
+                Method(f"streaming R={r:g}", "streaming", r), Method(f"context shift R={r:g}", "shift", r)]
     return out
+
+
+def only_methods(methods: list[Method], only: str | None) -> list[Method]:
+    """The methods whose names start with one of the comma-separated prefixes in `only` (None: all)."""
+    if not only:
+        return methods
+    prefixes = [p.strip() for p in only.split(",") if p.strip()]
+    chosen = [m for m in methods if any(m.name.startswith(p) for p in prefixes)]
+    if not chosen:
+        raise SystemExit(f"--only {only!r}: no method matches (methods: {', '.join(m.name for m in methods)})")
+    return chosen
 
 
 def chelsea_cells(ratio: float, n_ctx: int) -> int:
@@ -119,6 +134,20 @@ def provenance(command: str, **extra: Any) -> dict[str, Any]:
     return {"commit": (commit or "unknown") + ("+dirty" if dirty else ""), "cpu": cpu_model(),
             "cores": len(os.sched_getaffinity(0)), "machine": platform.machine(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command, **extra}
+
+
+def amend_json(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], out: Path = RESULTS) -> Path:
+    """Adds or replaces the rows of the methods in `rows` in a recorded result, keeping the other rows and
+    their provenance; the amendment's own provenance goes to meta["amended"]. For adding a method to a long
+    benchmark without running the others again."""
+    path = out / f"{name}.json"
+    if not path.exists():
+        raise SystemExit(f"{path}: no recorded result to amend; run without --only first")
+    data = json.loads(path.read_text())
+    new = {r["method"] for r in rows}
+    data["rows"] = [r for r in data["rows"] if r["method"] not in new] + rows
+    data["meta"].setdefault("amended", []).append({**meta, "methods": sorted(new)})
+    return write_json(name, data, out)
 
 
 def write_json(name: str, data: dict[str, Any], out: Path = RESULTS) -> Path:

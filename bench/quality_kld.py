@@ -21,7 +21,8 @@ import numpy as np
 
 from chelsea_gguf.baselines import log_softmax
 
-from common import FULL, Method, budget_methods, chelsea, document_tokens, new_session, open_method, provenance, write_json
+from common import (FULL, Method, amend_json, budget_methods, chelsea, document_tokens, new_session, only_methods,
+                    open_method, provenance, write_json)
 
 
 def method_logprobs(method: Method, tokens: list[int], first: int, threads: int) -> tuple[np.ndarray, int, float]:
@@ -47,9 +48,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", help="comma-separated method name prefixes (e.g. 'random merge'): run these and "
+                                   "amend the recorded result instead of replacing it")
     args = ap.parse_args()
     n, n_score = (512, 128) if args.quick else (3072, 1536)
     methods = budget_methods((0.2,)) if args.quick else [chelsea(0.25)] + budget_methods((0.5, 0.2, 0.1))
+    methods = only_methods(methods, args.only)
     t_start = time.time()
     with open_method(FULL, 16, n_threads=1) as tok_llm:
         tokens = document_tokens(tok_llm, n)
@@ -64,11 +68,13 @@ def main() -> int:
         rows.append({"method": m.name, "kind": m.kind, "ratio": m.ratio, "bias": m.bias, "cells_held": cells,
                      "seconds": round(secs, 1), **score(ref, lp, targets)})
         print(json.dumps(rows[-1]), flush=True)
-    meta = provenance("python3 bench/quality_kld.py" + (" --quick" if args.quick else ""),
+    meta = provenance("python3 bench/quality_kld.py" + (" --quick" if args.quick else "")
+                      + (f" --only '{args.only}'" if args.only else ""),
                       model="SmolLM2-135M-Instruct Q4_1", text="pydoc_data.topics (Python stdlib), sorted topics",
                       n_tokens=n, n_scored=n_score, chunk=256, threads=args.threads,
                       wall_s=round(time.time() - t_start, 1))
-    print(write_json("quality_kld_quick" if args.quick else "quality_kld", {"meta": meta, "rows": rows}))
+    name = "quality_kld_quick" if args.quick else "quality_kld"
+    print(amend_json(name, meta, rows) if args.only else write_json(name, {"meta": meta, "rows": rows}))
     return 0
 
 

@@ -18,7 +18,8 @@ from typing import Any
 
 from chelsea_gguf.passkey import passkey_prompt
 
-from common import FULL, Method, budget_methods, new_session, open_method, provenance, write_json
+from common import (FULL, Method, amend_json, budget_methods, new_session, only_methods, open_method, provenance,
+                    write_json)
 from ruler import GENERATORS, fit_size, make_task
 
 PK_GEN = 8
@@ -41,13 +42,15 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--ratios", default="0.2", help="comma-separated R for Chelsea and the baselines")
+    ap.add_argument("--only", help="comma-separated method name prefixes (e.g. 'random merge'): run these (and the "
+                                   "full cache, the reference) and amend the recorded result instead of replacing it")
     args = ap.parse_args()
     ratios = tuple(float(r) for r in args.ratios.split(","))
     if args.quick:
         lengths, depths, ruler_len, seeds, tasks = [768], [0.5], 512, [1], ["multikey"]
     else:
         lengths, depths, ruler_len, seeds, tasks = [1024, 2048], [0.1, 0.5, 0.9], 1024, [1], list(GENERATORS)
-    methods = [FULL] + budget_methods(ratios)
+    methods = [FULL] + only_methods(budget_methods(ratios), args.only)
     t_start = time.time()
     with open_method(FULL, 16, n_threads=1) as tok_llm:
         def count(text: str) -> int:
@@ -80,10 +83,13 @@ def main() -> int:
                    "answer": text, "cells_held": cells, "seconds": round(secs, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    meta = provenance("python3 bench/quality_tasks.py" + (" --quick" if args.quick else ""),
+    meta = provenance("python3 bench/quality_tasks.py" + (" --quick" if args.quick else "")
+                      + (f" --ratios {args.ratios}" if args.ratios != "0.2" else "")
+                      + (f" --only '{args.only}'" if args.only else ""),
                       model="SmolLM2-135M-Instruct Q4_1", threads=args.threads, ratios=list(ratios),
                       wall_s=round(time.time() - t_start, 1))
-    print(write_json("quality_tasks_quick" if args.quick else "quality_tasks", {"meta": meta, "rows": rows}))
+    name = "quality_tasks_quick" if args.quick else "quality_tasks"
+    print(amend_json(name, meta, rows) if args.only else write_json(name, {"meta": meta, "rows": rows}))
     return 0
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from common import RESULTS
 
-BASELINES = ("streaming", "context shift", "no-bias")
+BASELINES = ("streaming", "context shift", "random merge", "no-bias")
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -34,6 +34,8 @@ def family(method: str) -> str:
         return "streaming"
     if method.startswith("context shift"):
         return "context shift"
+    if method.startswith("random merge"):
+        return "random merge"
     return "no-bias" if "no-bias" in method else "chelsea"
 
 
@@ -74,8 +76,8 @@ def headline(kld: dict[str, Any] | None, tasks: dict[str, Any] | None, speed: di
     lines = [
         "| R | KV MiB vs full | decode vs full (SmolLM2 @ longest) | "
         + (f"decode vs full (Gemma @ {g_depth}) | " if gemma else "")
-        + "retrieval: full / Chelsea / streaming / ctx shift / no-bias | "
-        "KLD: Chelsea / streaming / ctx shift / no-bias | Chelsea loses to |",
+        + "retrieval: full / Chelsea / streaming / ctx shift / random merge / no-bias | "
+        "KLD: Chelsea / streaming / ctx shift / random merge / no-bias | Chelsea loses to |",
         "|---:|---:|---:|" + ("---:|" if gemma else "") + "---|---|---|",
     ]
     for r in ratios:
@@ -105,11 +107,17 @@ def headline(kld: dict[str, Any] | None, tasks: dict[str, Any] | None, speed: di
     return "\n".join(lines) + "\n"
 
 
+def amendments(meta: dict[str, Any]) -> str:
+    """Where rows were added later (`--only`): which methods, by which command, at which commit."""
+    return "".join(f" Rows of {', '.join(a['methods'])} added by `{a['command']}` at commit {a['commit']}, "
+                   f"{a['wall_s']:.0f} s." for a in meta.get("amended", []))
+
+
 def kld_table(kld: dict[str, Any]) -> str:
     m = kld["meta"]
     lines = [f"KL(full || method) in nats/token, top-1 agreement with the full cache and perplexity over the last "
              f"{m['n_scored']} of {m['n_tokens']} tokens of {m['text']}; chunks of {m['chunk']}; commit "
-             f"{m['commit']}, {m['cpu']}, {m['cores']} cores; `{m['command']}`, {m['wall_s']:.0f} s.", "",
+             f"{m['commit']}, {m['cpu']}, {m['cores']} cores; `{m['command']}`, {m['wall_s']:.0f} s." + amendments(m), "",
              "| method | cells held | KLD | KLD p99 | top-1 agree | perplexity |", "|---|---:|---:|---:|---:|---:|"]
     for r in kld["rows"]:
         lines.append(f"| {r['method']} | {r['cells_held']} | {r['kld']:.4f} | {r['kld_p99']:.3f} | "
@@ -145,7 +153,7 @@ def tasks_table(tasks: dict[str, Any]) -> str:
     names = list(dict.fromkeys(r["task"] for r in tasks["rows"]))
     agree = agreement(tasks)
     lines = [f"Mean score per task (passkey over the length x depth grid) and share of answers that say the same "
-             f"as the full cache's (same first number for passkey and multi-key, same first line otherwise); commit {m['commit']}, `{m['command']}`, {m['wall_s']:.0f} s.", "",
+             f"as the full cache's (same first number for passkey and multi-key, same first line otherwise); commit {m['commit']}, `{m['command']}`, {m['wall_s']:.0f} s." + amendments(m), "",
              "| method | " + " | ".join(names) + " | same answer as full |", "|---|" + "---:|" * (len(names) + 1)]
     for method, per in by.items():
         lines.append(f"| {method} | " + " | ".join(

@@ -205,6 +205,8 @@ struct chelsea_kv_cluster_params {
     int32_t max_passes;
     float   pass_fraction;
     bool    log_bias;
+    bool    random_pairs;
+    uint32_t seed;
 };
 struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);
 int32_t chelsea_kv_cluster_enable(struct llama_context * ctx, const struct chelsea_kv_cluster_params * params,

@@ -128,11 +128,36 @@ def test_physical_allocation_follows_the_ratio(model_path: Path) -> None:
     ({"kv_cluster_interval": -1}, "kv_cluster_interval"),
     ({"kv_cluster_pass_fraction": 0.0}, "kv_cluster_pass_fraction"),
     ({"kv_cluster": "yes"}, "kv_cluster"),
+    ({"kv_cluster_random_pairs": 1}, "kv_cluster_random_pairs"),
+    ({"kv_cluster_seed": -1}, "kv_cluster_seed"),
 ])
 def test_invalid_cluster_options(model_path: Path, kwargs: dict, needle: str) -> None:
     kwargs = {"kv_cluster": True, **kwargs}
     with pytest.raises(ValueError, match=needle):
         Llama(str(model_path), n_ctx=512, verbose=False, **kwargs)
+
+
+def random_pairs_sizes(model_path: Path, seed: int, random_pairs: bool = True) -> tuple[dict, list[list[float]]]:
+    with Llama(str(model_path), n_ctx=2048, verbose=False, kv_cluster=True, kv_cluster_ratio=0.25,
+               kv_cluster_random_pairs=random_pairs, kv_cluster_seed=seed) as llm:
+        llm.eval(llm.tokenize("Notes on the weather. " + FILLER * 40))
+        lib.chelsea_kv_cluster_compress(llm._ctx, 0)
+        stats = llm.kv_cluster_stats()
+        return stats, cluster_sizes(llm._ctx, 0, stats["cells"])
+
+
+def test_random_pairs_baseline_merges_seeded_random_pairs(model_path: Path) -> None:
+    """The benchmarks' random-merging baseline: the same passes, budget and sizes as Chelsea, but the pairs
+    are drawn from the seed instead of matched by key similarity."""
+    chelsea, chelsea_sizes = random_pairs_sizes(model_path, 0, random_pairs=False)
+    a, a_sizes = random_pairs_sizes(model_path, 7)
+    b, b_sizes = random_pairs_sizes(model_path, 7)
+    c, c_sizes = random_pairs_sizes(model_path, 8)
+    assert a["cells"] == chelsea["cells"] < a["tokens"] == chelsea["tokens"]
+    assert a_sizes == b_sizes                      # same seed, same merges
+    assert a_sizes != c_sizes != chelsea_sizes     # another seed, or similarity, merges other cells
+    for head in a_sizes + c_sizes:
+        assert sum(head) == pytest.approx(a["tokens"]) and max(head) > 1.0
 
 
 def test_stats_refused_without_clustering(llm: Llama) -> None:

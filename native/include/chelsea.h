@@ -48,6 +48,10 @@ struct chelsea_kv_cluster_params {
     float   pass_fraction; // share of a pass's candidate (A) cells it may merge, in (0, 1]: below 1, a pass
                            // merges only the most similar pairs and leaves distinct tokens for later
     bool    log_bias;     // add log(cluster size) to attention logits (proportional attention)
+    bool    random_pairs; // a baseline for benchmarks, not for use: each pass merges A cells into B cells of the
+                          // same chunk chosen at random (from `seed`) instead of by key similarity; sizes,
+                          // weighted means and the bias stay as with the real matching
+    uint32_t seed;        // of random_pairs
 };
 
 LLAMA_API struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);

@@ -112,6 +112,29 @@ std::string validate(const chelsea_kv_cluster_params & p) {
     return "";
 }
 
+// the random_pairs baseline's stand-in for a ggml_chelsea_match result, laid out as the op's: per head, each A cell
+// (odd offset in its chunk) gets a uniform score in [0, 1) and a uniformly drawn B cell of its chunk, so plan
+// merges a random share of the A cells into random partners
+std::vector<float> draw_random_pairs(std::mt19937 & rng, int64_t n_head, int64_t n_region, int64_t chunk) {
+    std::vector<float> out((size_t) (2*n_head*n_region));
+    float * score = out.data();
+    float * index = out.data() + n_head*n_region;
+    std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+    for (int64_t h = 0; h < n_head; ++h) {
+        for (int64_t first = 0; first < n_region; first += chunk) {
+            const int64_t len = std::min<int64_t>(chunk, n_region - first);
+            std::uniform_int_distribution<int64_t> partner(0, (len - 1)/2);
+            for (int64_t i = 0; i < len; ++i) {
+                const int64_t o = h*n_region + first + i;
+                const bool is_a = i % 2 == 1;
+                score[o] = is_a ? std::min(uniform(rng), 0.999999f) : GGML_CHELSEA_NO_SCORE;
+                index[o] = is_a ? (float) (first + 2*partner(rng)) : -1.0f;
+            }
+        }
+    }
+    return out;
+}
+
 // cells a sequence may be compressed to: its budget, never below what is protected
 uint32_t target_cells(const chelsea_kv_cluster_params & p, int64_t tokens) {
     const int64_t budget = (int64_t) std::ceil((double) p.ratio * (double) tokens);
@@ -164,6 +187,7 @@ bool llama_kv_cache::chelsea_enable(const chelsea_kv_cluster_params & params, st
 
     if (chelsea) {
         chelsea->params = params;
+        chelsea->rng.seed(params.seed);
         return true;
     }
 
@@ -206,6 +230,7 @@ void llama_kv_cache::chelsea_clear() {
         seq = chelsea_seq_state();
     }
     st.any_merged = false;
+    st.rng.seed(st.params.seed);
 }
 
 bool llama_kv_cache::chelsea_seq_move(llama_seq_id seq_id, llama_pos p0, llama_pos p1, llama_pos shift, int d) {
@@ -626,13 +651,23 @@ bool llama_kv_cache::chelsea_run_pass(llama_context * lctx, uint32_t strm, uint3
     const uint32_t kv_size = get_size();
     const uint32_t n_out   = n - n_remove;
 
+    // random_pairs: drawn matches, set once the graph is allocated
+    std::vector<std::pair<ggml_tensor *, std::vector<float>>> drawn;
+
     for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
         const auto & layer = layers[ikv];
         ggml_tensor * s = st.sizes[ikv];
         const int64_t n_head_kv = s->ne[1];
 
         ggml_tensor * k = ggml_view_2d(ctx, layer.k, layer.k->ne[0], n, layer.k->nb[1], strm*layer.k->nb[2]);
-        ggml_tensor * m = ggml_chelsea_match(ctx, k, (int) n_head_kv, (int) c0, (int) n_region, st.params.chunk);
+        ggml_tensor * m = nullptr;
+        if (st.params.random_pairs) {
+            m = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_region, n_head_kv, 2);
+            ggml_set_input(m);
+            drawn.emplace_back(m, draw_random_pairs(st.rng, n_head_kv, n_region, st.params.chunk));
+        } else {
+            m = ggml_chelsea_match(ctx, k, (int) n_head_kv, (int) c0, (int) n_region, st.params.chunk);
+        }
         ggml_tensor * sv = ggml_view_2d(ctx, s, n, n_head_kv, s->nb[1], strm*s->nb[2]);
         ggml_tensor * plan = ggml_chelsea_plan(ctx, m, sv, (int) c0, (int) n_remove);
 
@@ -667,6 +702,9 @@ bool llama_kv_cache::chelsea_run_pass(llama_context * lctx, uint32_t strm, uint3
         LLAMA_LOG_ERROR("%s: failed to allocate the compression graph\n", __func__);
         return false;
     }
+    for (const auto & [m, data] : drawn) {
+        ggml_backend_tensor_set(m, data.data(), 0, data.size()*sizeof(float));
+    }
     if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
         LLAMA_LOG_ERROR("%s: failed to compute the compression graph\n", __func__);
         return false;
@@ -688,6 +726,8 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.max_passes = 32;
     p.pass_fraction = 0.25f;
     p.log_bias   = true;
+    p.random_pairs = false;
+    p.seed       = 0;
     return p;
 }
 

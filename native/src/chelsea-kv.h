@@ -6,6 +6,7 @@
 #include "ggml-cpp.h"
 #include "llama.h"
 
+#include <random>
 #include <utility>
 #include <vector>
 
@@ -30,6 +31,8 @@ struct chelsea_kv_state {
     std::vector<chelsea_seq_state> seqs; // LLAMA_MAX_SEQ entries
 
     bool any_merged = false; // some cell holds a centroid: attention needs the log-size bias
+
+    std::mt19937 rng; // params.random_pairs: the pairs' draws, from params.seed at clear()
 
     size_t sizes_bytes() const {
         size_t n = 0;
