@@ -30,6 +30,7 @@ class Method:
     ratio: float = 1.0
     bias: bool = True
     type_kv: str | None = None      # None: f16
+    match_values: bool = True       # False: pair cells by keys alone (the paper's matching; ablation)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def llama_kwargs(self) -> dict[str, Any]:
@@ -39,15 +40,17 @@ class Method:
             # llama.cpp needs flash attention for a quantized V cache
             kw["flash_attn"] = True
         if self.kind in ("chelsea", "random"):
-            kw.update(kv_cluster=True, kv_cluster_ratio=self.ratio, kv_cluster_bias=self.bias)
+            kw.update(kv_cluster=True, kv_cluster_ratio=self.ratio, kv_cluster_bias=self.bias,
+                      kv_cluster_match_values=self.match_values)
         if self.kind == "random":
             kw.update(kv_cluster_random_pairs=True, kv_cluster_seed=RANDOM_SEED)
         return kw
 
 
-def chelsea(ratio: float, bias: bool = True, type_kv: str | None = None) -> Method:
-    name = f"chelsea R={ratio:g}" + ("" if bias else " no-bias") + (f" {type_kv}" if type_kv else "")
-    return Method(name, "chelsea", ratio, bias, type_kv)
+def chelsea(ratio: float, bias: bool = True, type_kv: str | None = None, match_values: bool = True) -> Method:
+    name = (f"chelsea R={ratio:g}" + ("" if bias else " no-bias") + ("" if match_values else " keys-only")
+            + (f" {type_kv}" if type_kv else ""))
+    return Method(name, "chelsea", ratio, bias, type_kv, match_values)
 
 
 FULL = Method("full f16")
@@ -59,7 +62,7 @@ def budget_methods(ratios: tuple[float, ...] = RATIOS) -> list[Method]:
     """Chelsea at each R, and at each R the baselines with the same physical cells."""
     out: list[Method] = []
     for r in ratios:
-        out += [chelsea(r), chelsea(r, bias=False), Method(f"random merge R={r:g}", "random", r),
+        out += [chelsea(r), chelsea(r, bias=False), chelsea(r, match_values=False), Method(f"random merge R={r:g}", "random", r),
                 Method(f"streaming R={r:g}", "streaming", r), Method(f"context shift R={r:g}", "shift", r)]
     return out
 

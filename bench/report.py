@@ -19,7 +19,7 @@ from typing import Any
 
 from common import RESULTS
 
-BASELINES = ("streaming", "context shift", "random merge", "no-bias")
+BASELINES = ("streaming", "context shift", "random merge", "no-bias", "keys-only")
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -36,6 +36,8 @@ def family(method: str) -> str:
         return "context shift"
     if method.startswith("random merge"):
         return "random merge"
+    if "keys-only" in method:
+        return "keys-only"
     return "no-bias" if "no-bias" in method else "chelsea"
 
 
@@ -76,8 +78,8 @@ def headline(kld: dict[str, Any] | None, tasks: dict[str, Any] | None, speed: di
     lines = [
         "| R | KV MiB vs full | decode vs full (SmolLM2 @ longest) | "
         + (f"decode vs full (Gemma @ {g_depth}) | " if gemma else "")
-        + "retrieval: full / Chelsea / streaming / ctx shift / random merge / no-bias | "
-        "KLD: Chelsea / streaming / ctx shift / random merge / no-bias | Chelsea loses to |",
+        + "retrieval: full / Chelsea / streaming / ctx shift / random merge / no-bias / keys-only | "
+        "KLD: Chelsea / streaming / ctx shift / random merge / no-bias / keys-only | Chelsea loses to |",
         "|---:|---:|---:|" + ("---:|" if gemma else "") + "---|---|---|",
     ]
     for r in ratios:

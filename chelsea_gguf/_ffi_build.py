@@ -205,6 +205,7 @@ struct chelsea_kv_cluster_params {
     int32_t max_passes;
     float   pass_fraction;
     bool    log_bias;
+    bool    match_values;
     bool    random_pairs;
     uint32_t seed;
 };
@@ -227,7 +228,7 @@ int32_t chelsea_kv_cluster_cell_positions(const struct llama_context * ctx, llam
                                           int32_t n_max);
 int32_t chelsea_kv_cluster_sizes(const struct llama_context * ctx, llama_seq_id seq_id, int32_t layer, float * out,
                                  int32_t n_cells);
-int32_t chelsea_ops_run_cpu(int32_t type_k, int32_t type_v, bool v_trans, int32_t n_embd, int32_t n_head,
+int32_t chelsea_ops_run_cpu(int32_t type_k, int32_t type_v, bool v_trans, bool match_values, int32_t n_embd, int32_t n_head,
                             int32_t n_span, int32_t c0, int32_t n_region, int32_t chunk, int32_t n_remove,
                             const float * k, const float * v, const float * s,
                             float * k_in, float * v_in, float * match, float * plan, float * k_out, float * v_out,

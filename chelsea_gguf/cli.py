@@ -147,18 +147,21 @@ def add_cluster_arguments(p: argparse.ArgumentParser, *, on_by_default: bool = F
                    help="compress when G cells over budget while generating (default 64)")
     g.add_argument("--kv-no-bias", dest="kv_bias", action="store_false",
                    help="do not add log(cluster size) to attention logits")
+    g.add_argument("--kv-match-keys", dest="kv_match_values", action="store_false",
+                   help="pair cells by key similarity alone, as the paper (default: by keys and values)")
 
 
 CLUSTER_FLAGS = {"kv_cluster_ratio": "--kv-ratio", "kv_cluster_chunk": "--kv-chunk", "kv_cluster_sinks": "--kv-sinks",
                  "kv_cluster_recent": "--kv-recent", "kv_cluster_interval": "--kv-interval",
-                 "kv_cluster_bias": "--kv-no-bias"}
+                 "kv_cluster_bias": "--kv-no-bias", "kv_cluster_match_values": "--kv-match-keys"}
 
 
 def cluster_kwargs_of(args: argparse.Namespace) -> dict[str, Any]:
     """The Llama keywords the clustering flags ask for; ValueError naming the flag if one is bad."""
     given = {"kv_cluster_ratio": args.kv_ratio, "kv_cluster_chunk": args.kv_chunk, "kv_cluster_sinks": args.kv_sinks,
              "kv_cluster_recent": args.kv_recent, "kv_cluster_interval": args.kv_interval,
-             "kv_cluster_bias": None if args.kv_bias else False}
+             "kv_cluster_bias": None if args.kv_bias else False,
+             "kv_cluster_match_values": None if args.kv_match_values else False}
     chosen = {k: v for k, v in given.items() if v is not None}
     if chosen and not args.kv_cluster:
         raise ValueError(f"{', '.join(CLUSTER_FLAGS[k] for k in chosen)}: clustering is off")

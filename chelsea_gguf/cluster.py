@@ -24,6 +24,7 @@ class ClusterOptions:
     max_passes: int = 32
     pass_fraction: float = 0.25  # share of candidate cells one pass may merge: the most similar pairs go first
     bias: bool = True       # proportional attention: + log(cluster size)
+    match_values: bool = True  # pair cells by keys and values (False: by keys alone, as the paper)
     random_pairs: bool = False  # benchmark baseline: merge random pairs instead of the most similar ones
     seed: int = 0           # of random_pairs
 
@@ -43,6 +44,8 @@ class ClusterOptions:
             raise ValueError(f"kv_cluster_pass_fraction: {self.pass_fraction} is out of range (must be > 0 and <= 1)")
         if not isinstance(self.bias, bool):
             raise ValueError(f"kv_cluster_bias: expected a bool, got {self.bias!r}")
+        if not isinstance(self.match_values, bool):
+            raise ValueError(f"kv_cluster_match_values: expected a bool, got {self.match_values!r}")
         if not isinstance(self.random_pairs, bool):
             raise ValueError(f"kv_cluster_random_pairs: expected a bool, got {self.random_pairs!r}")
         require_int("kv_cluster_seed", self.seed, 0, 2**32 - 1)
@@ -65,6 +68,7 @@ class ClusterOptions:
         p.max_passes = self.max_passes
         p.pass_fraction = self.pass_fraction
         p.log_bias = self.bias
+        p.match_values = self.match_values
         p.random_pairs = self.random_pairs
         p.seed = self.seed
         return p
@@ -74,14 +78,16 @@ def default_options() -> ClusterOptions:
     p = lib.chelsea_kv_cluster_default_params()
     return ClusterOptions(ratio=round(p.ratio, 6), chunk=p.chunk, sinks=p.n_sink, recent=p.n_recent,
                           interval=p.interval, max_passes=p.max_passes, pass_fraction=round(p.pass_fraction, 6),
-                          bias=bool(p.log_bias), random_pairs=bool(p.random_pairs), seed=p.seed)
+                          bias=bool(p.log_bias), match_values=bool(p.match_values),
+                          random_pairs=bool(p.random_pairs), seed=p.seed)
 
 
 # Llama's kv_cluster_* keywords and the ClusterOptions fields they set
 KEYWORD_FIELDS = {"kv_cluster_ratio": "ratio", "kv_cluster_chunk": "chunk", "kv_cluster_sinks": "sinks",
                   "kv_cluster_recent": "recent", "kv_cluster_interval": "interval", "kv_cluster_bias": "bias",
                   "kv_cluster_max_passes": "max_passes", "kv_cluster_pass_fraction": "pass_fraction",
-                  "kv_cluster_random_pairs": "random_pairs", "kv_cluster_seed": "seed"}
+                  "kv_cluster_match_values": "match_values", "kv_cluster_random_pairs": "random_pairs",
+                  "kv_cluster_seed": "seed"}
 
 
 def options_from_keywords(keywords: Mapping[str, Any]) -> ClusterOptions:

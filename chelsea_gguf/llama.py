@@ -106,6 +106,7 @@ class Llama:
         kv_cluster_bias: bool | None = None,
         kv_cluster_max_passes: int | None = None,
         kv_cluster_pass_fraction: float | None = None,
+        kv_cluster_match_values: bool | None = None,
         kv_cluster_random_pairs: bool | None = None,
         kv_cluster_seed: int | None = None,
     ) -> None:
@@ -135,7 +136,8 @@ class Llama:
             "kv_cluster_sinks": kv_cluster_sinks, "kv_cluster_recent": kv_cluster_recent,
             "kv_cluster_interval": kv_cluster_interval, "kv_cluster_bias": kv_cluster_bias,
             "kv_cluster_max_passes": kv_cluster_max_passes, "kv_cluster_pass_fraction": kv_cluster_pass_fraction,
-            "kv_cluster_random_pairs": kv_cluster_random_pairs, "kv_cluster_seed": kv_cluster_seed})
+            "kv_cluster_match_values": kv_cluster_match_values, "kv_cluster_random_pairs": kv_cluster_random_pairs,
+            "kv_cluster_seed": kv_cluster_seed})
         if chat_format is not None and not isinstance(chat_format, str):
             raise ValueError(f"chat_format: expected a template name such as 'chatml', got {chat_format!r}")
 

@@ -75,7 +75,7 @@ pack)
         tar -C / -czf .device/build/cublas-include.tgz "${inc#/}" || exit 1
     fi
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .device/build/wheels cffi \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .device/build/wheels "cffi==$(python3 -c "import cffi; print(cffi.__version__)")" \
         || log "could not fetch the cffi wheel: the Python checks will fail there"
     model="${CHELSEA_GPU_MODEL:-$HOME/.cache/chelsea-gguf/models/$MODEL_NAME}"
     [ -f "$model" ] || { log "no $model (run chelsea-run once to fetch it)"; exit 1; }
@@ -144,7 +144,7 @@ run)
     for run in "CHELSEA_MATCH:" "CHELSEA_PLAN:" "CHELSEA_MERGE:" "FLASH_ATTN_EXT:hidden" \
                "FLASH_ATTN_EXT:hsk=(64|128),hsv=(64|128),nh=4,nr23=\[4,1\]"; do
         op="${run%%:*}"; params="${run#*:}"
-        timeout 240 "$TBO" test -b CUDA0 -o "$op" ${params:+-p "$params"} > /tmp/tbo.log 2>&1
+        timeout 150 "$TBO" test -b CUDA0 -o "$op" ${params:+-p "$params"} > /tmp/tbo.log 2>&1
         rc=$?
         { echo "### test-backend-ops test -b CUDA0 -o $op ${params:+-p '$params'}: rc=$rc"; cat /tmp/tbo.log; } >> "$OUTDIR/tbo.log"
         log "test-backend-ops -o $op ${params:+-p '$params'}: rc=$rc, $(grep -c ' OK' /tmp/tbo.log) OK, $(grep -c 'FAIL' /tmp/tbo.log) FAIL, $(grep -c 'not supported' /tmp/tbo.log) not supported"

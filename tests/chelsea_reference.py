@@ -24,7 +24,7 @@ class PassResult:
 
 def run_native(k: np.ndarray, v: np.ndarray, s: np.ndarray, *, n_head: int, c0: int, n_region: int, chunk: int,
                n_remove: int, type_k: int = lib.GGML_TYPE_F32, type_v: int = lib.GGML_TYPE_F32,
-               v_trans: bool = False, n_threads: int = 2) -> PassResult:
+               v_trans: bool = False, match_values: bool = False, n_threads: int = 2) -> PassResult:
     k = np.ascontiguousarray(k, dtype=np.float32)
     v = np.ascontiguousarray(v, dtype=np.float32)
     s = np.ascontiguousarray(s, dtype=np.float32)
@@ -40,7 +40,7 @@ def run_native(k: np.ndarray, v: np.ndarray, s: np.ndarray, *, n_head: int, c0: 
     def ptr(a: np.ndarray) -> object:
         return ffi.cast("float *", ffi.from_buffer(a))
 
-    rc = lib.chelsea_ops_run_cpu(type_k, type_v, v_trans, n_embd, n_head, n_span, c0, n_region, chunk, n_remove,
+    rc = lib.chelsea_ops_run_cpu(type_k, type_v, v_trans, match_values, n_embd, n_head, n_span, c0, n_region, chunk, n_remove,
                                  ptr(k), ptr(v), ptr(s), ptr(k_in), ptr(v_in), ptr(match), ptr(plan), ptr(k_out),
                                  ptr(v_out), n_threads)
     if rc != 0:
@@ -49,22 +49,32 @@ def run_native(k: np.ndarray, v: np.ndarray, s: np.ndarray, *, n_head: int, c0: 
                       k_out, v_out)
 
 
-def reference_match(k: np.ndarray, n_head: int, c0: int, n_region: int, chunk: int) -> np.ndarray:
-    """Cosine similarity of every A cell (odd offset in its chunk) to every B cell (even offset) of its chunk:
-    [n_head, n_region, chunk] with -inf where there is no pair."""
-    n_embd = k.shape[1]
-    d = n_embd // n_head
-    cos = np.full((n_head, n_region, chunk), -np.inf)
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+def reference_match(k: np.ndarray, n_head: int, c0: int, n_region: int, chunk: int,
+                    v: np.ndarray | None = None) -> np.ndarray:
+    """Score of every A cell (odd offset in its chunk) against every B cell (even offset) of its chunk:
+    [n_head, n_region, chunk] with -inf where there is no pair. The cosine of the keys, or with v (matching by
+    keys and values) 1 - (1 - cos k)(1 - cos v)/2."""
+    d = k.shape[1] // n_head
+    dv = v.shape[1] // n_head if v is not None else 0
+    score = np.full((n_head, n_region, chunk), -np.inf)
     for h in range(n_head):
-        kh = k[c0:c0 + n_region, h * d:(h + 1) * d].astype(np.float64)
-        norm = np.linalg.norm(kh, axis=1, keepdims=True)
-        unit = np.divide(kh, norm, out=np.zeros_like(kh), where=norm > 0)
+        uk = unit_rows(k[c0:c0 + n_region, h * d:(h + 1) * d])
+        uv = unit_rows(v[c0:c0 + n_region, h * dv:(h + 1) * dv]) if v is not None else None
         for first in range(0, n_region, chunk):
             length = min(chunk, n_region - first)
             for i in range(1, length, 2):
                 for j in range(0, length, 2):
-                    cos[h, first + i, j] = unit[first + i] @ unit[first + j]
-    return cos
+                    sc = uk[first + i] @ uk[first + j]
+                    if uv is not None:
+                        sc = 1.0 - 0.5 * (1.0 - sc) * (1.0 - uv[first + i] @ uv[first + j])
+                    score[h, first + i, j] = sc
+    return score
 
 
 def reference_plan(score: np.ndarray, best: np.ndarray, s: np.ndarray, c0: int, n_remove: int

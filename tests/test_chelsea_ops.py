@@ -30,11 +30,11 @@ def make_data(rng: np.random.Generator, n_span: int, sizes_max: int = 1) -> tupl
 
 
 def check_pass(res, s: np.ndarray, c0: int, n_region: int, chunk: int, n_remove: int, tol: float,
-               tol_v: float) -> None:
+               tol_v: float, match_values: bool = False) -> None:
     n_span = s.shape[1]
     n_out = n_span - n_remove
-    # match: every A cell picked a B of its chunk with the highest cosine (ties within float error)
-    cos = reference_match(res.k_in, N_HEAD, c0, n_region, chunk)
+    # match: every A cell picked a B of its chunk with the highest score (ties within float error)
+    cos = reference_match(res.k_in, N_HEAD, c0, n_region, chunk, res.v_in if match_values else None)
     best_ref = cos.max(axis=2)
     is_a = res.best >= 0
     assert np.array_equal(is_a, np.isfinite(best_ref))
@@ -58,33 +58,59 @@ def check_pass(res, s: np.ndarray, c0: int, n_region: int, chunk: int, n_remove:
     assert np.allclose(res.v_out, v_ref, atol=tol_v * np.abs(res.v_in).max())
 
 
+@pytest.mark.parametrize("match_values", [False, True], ids=["keys", "keys+values"])
 @pytest.mark.parametrize("type_name", list(KV_TYPES))
 @pytest.mark.parametrize(("n_span", "c0", "n_recent", "chunk", "n_remove"), [
     (160, 16, 16, 32, 60),     # full chunks, most A cells merge
     (203, 5, 7, 16, 40),       # a short last chunk, odd region length
     (96, 0, 0, 96, 1),         # one chunk, a single merge
 ])
-def test_ops_match_reference(type_name: str, n_span: int, c0: int, n_recent: int, chunk: int, n_remove: int) -> None:
+def test_ops_match_reference(type_name: str, n_span: int, c0: int, n_recent: int, chunk: int, n_remove: int,
+                             match_values: bool) -> None:
     type_id, tol = KV_TYPES[type_name]
     rng = np.random.default_rng(n_span * 7 + chunk)
     k, v, s = make_data(rng, n_span, sizes_max=5)
     n_region = n_span - c0 - n_recent
     res = run_native(k, v, s, n_head=N_HEAD, c0=c0, n_region=n_region, chunk=chunk, n_remove=n_remove,
-                     type_k=type_id, type_v=type_id)
-    check_pass(res, s, c0, n_region, chunk, n_remove, tol, tol)
+                     type_k=type_id, type_v=type_id, match_values=match_values)
+    check_pass(res, s, c0, n_region, chunk, n_remove, tol, tol, match_values)
 
 
+@pytest.mark.parametrize("match_values", [False, True], ids=["keys", "keys+values"])
 @pytest.mark.parametrize("type_name", ["f32", "f16", "bf16"])
-def test_transposed_v_matches_reference(type_name: str) -> None:
+def test_transposed_v_matches_reference(type_name: str, match_values: bool) -> None:
     type_id, tol = KV_TYPES[type_name]
     rng = np.random.default_rng(11)
     k, v, s = make_data(rng, 130, sizes_max=3)
     res = run_native(k, v, s, n_head=N_HEAD, c0=4, n_region=120, chunk=64, n_remove=50, type_k=type_id,
-                     type_v=type_id, v_trans=True)
-    check_pass(res, s, 4, 120, 64, 50, tol, tol)
+                     type_v=type_id, v_trans=True, match_values=match_values)
+    check_pass(res, s, 4, 120, 64, 50, tol, tol, match_values)
     rows = run_native(k, v, s, n_head=N_HEAD, c0=4, n_region=120, chunk=64, n_remove=50, type_k=type_id,
-                      type_v=type_id, v_trans=False)
+                      type_v=type_id, v_trans=False, match_values=match_values)
+    assert np.array_equal(res.dst, rows.dst)
     assert np.allclose(res.v_out, rows.v_out, atol=tol * np.abs(v).max())
+
+
+def test_values_keep_alike_keys_with_different_values_apart() -> None:
+    # the A cell 1 has keys at cosine 0.95 to B cell 0 and 0.9 to B cell 2, but only cell 2 shares its value:
+    # by keys alone it picks cell 0, by keys and values cell 2 (1 - 0.05 * 2 / 2 = 0.95 < 1 - 0.1 * 0 / 2 = 1)
+    def at(cos: float) -> np.ndarray:
+        head = np.zeros(HEAD_DIM, dtype=np.float32)
+        head[0], head[1] = cos, np.sqrt(1.0 - cos * cos)
+        return np.tile(head, N_HEAD)
+
+    k = np.stack([at(0.95), at(1.0), at(0.9), at(0.0)])
+    v = np.ones((4, N_HEAD * HEAD_DIM), dtype=np.float32)
+    v[0] = -1.0
+    s = np.ones((N_HEAD, 4), dtype=np.float32)
+    keys = run_native(k, v, s, n_head=N_HEAD, c0=0, n_region=4, chunk=4, n_remove=1)
+    both = run_native(k, v, s, n_head=N_HEAD, c0=0, n_region=4, chunk=4, n_remove=1, match_values=True)
+    assert np.all(keys.best[:, 1] == 0) and np.allclose(keys.score[:, 1], 0.95)
+    assert np.all(both.best[:, 1] == 2) and np.allclose(both.score[:, 1], 1.0)
+    # a non-finite value compares to nothing, like a non-finite key
+    v[1] = np.nan
+    nan = run_native(k, v, s, n_head=N_HEAD, c0=0, n_region=4, chunk=4, n_remove=1, match_values=True)
+    assert np.all(nan.score[:, 1] == -2.0) and np.all(nan.score[:, 3] > -2.0)
 
 
 def test_untouched_cells_move_bit_exact_even_quantized() -> None:

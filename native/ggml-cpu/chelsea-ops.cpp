@@ -41,17 +41,51 @@ size_t row_offset(ggml_type type, int64_t e) {
     return (size_t) (e / ggml_blck_size(type)) * ggml_type_size(type);
 }
 
+// Head slice [e0, e0 + n) of cell `cell` of x in f32: x holds cells along ne1 (cells_dim 1, any type) or along
+// ne0 (cells_dim 0, llama.cpp's transposed V: F32/F16/BF16, one element per row).
+void cell_slice_to_f32(const ggml_tensor * x, int cells_dim, int64_t cell, int64_t e0, int64_t n, float * out) {
+    if (cells_dim == 1) {
+        slice_to_f32(x->type, (const char *) x->data + cell*x->nb[1] + row_offset(x->type, e0), out, n);
+        return;
+    }
+    const auto * traits = ggml_get_type_traits(x->type);
+    for (int64_t e = 0; e < n; ++e) {
+        const char * q = (const char *) x->data + cell*x->nb[0] + (e0 + e)*x->nb[1];
+        if (x->type == GGML_TYPE_F32) {
+            out[e] = *(const float *) q;
+        } else {
+            traits->to_float(q, out + e, 1);
+        }
+    }
+}
+
+// Scales x to unit length, so that cosine similarity becomes a dot product. A zero vector is similar to
+// nothing (scale 0); non-finite values stay non-finite and never win a comparison (NaN compares false).
+void normalize(float * x, int64_t n) {
+    ggml_float sum = 0.0;
+    for (int64_t e = 0; e < n; ++e) {
+        sum += (ggml_float) x[e]*x[e];
+    }
+    const float scale = sum > 0.0 ? (float) (1.0/std::sqrt(sum)) : 0.0f;
+    for (int64_t e = 0; e < n; ++e) {
+        x[e] *= scale;
+    }
+}
+
 } // namespace
 
 void ggml_compute_forward_chelsea_match(const ggml_compute_params * params, ggml_tensor * dst) {
     const ggml_tensor * k = dst->src[0];
+    const ggml_tensor * v = dst->src[1]; // ggml_chelsea_match_kv: values count too
 
     const int32_t n_head   = ggml_get_op_params_i32(dst, 0);
     const int32_t c0       = ggml_get_op_params_i32(dst, 1);
     const int32_t n_region = ggml_get_op_params_i32(dst, 2);
     const int32_t chunk    = ggml_get_op_params_i32(dst, 3);
+    const int32_t v_dim    = ggml_get_op_params_i32(dst, 4);
 
     const int64_t head_dim = k->ne[0] / n_head;
+    const int64_t head_dim_v = v ? v->ne[1 - v_dim] / n_head : 0;
     const int64_t n_chunks = (n_region + chunk - 1) / chunk;
 
     float * out = (float *) dst->data;
@@ -59,6 +93,7 @@ void ggml_compute_forward_chelsea_match(const ggml_compute_params * params, ggml
     float * out_index = out + (int64_t) n_region*n_head;
 
     std::vector<float> rows((size_t) chunk*head_dim);
+    std::vector<float> rows_v((size_t) chunk*head_dim_v);
 
     for (int64_t item = params->ith; item < n_head*n_chunks; item += params->nth) {
         const int64_t h     = item / n_chunks;
@@ -66,19 +101,14 @@ void ggml_compute_forward_chelsea_match(const ggml_compute_params * params, ggml
         const int64_t first = ch*chunk;                              // relative to c0
         const int64_t len   = std::min<int64_t>(chunk, n_region - first);
 
-        // unit-length keys: cosine similarity becomes a dot product
         for (int64_t i = 0; i < len; ++i) {
-            const char * row = (const char *) k->data + (c0 + first + i)*k->nb[1] + row_offset(k->type, h*head_dim);
             float * x = rows.data() + i*head_dim;
-            slice_to_f32(k->type, row, x, head_dim);
-            ggml_float sum = 0.0;
-            for (int64_t e = 0; e < head_dim; ++e) {
-                sum += (ggml_float) x[e]*x[e];
-            }
-            // a zero key is similar to nothing; non-finite keys never win (NaN compares false)
-            const float scale = sum > 0.0 ? (float) (1.0/std::sqrt(sum)) : 0.0f;
-            for (int64_t e = 0; e < head_dim; ++e) {
-                x[e] *= scale;
+            cell_slice_to_f32(k, 1, c0 + first + i, h*head_dim, head_dim, x);
+            normalize(x, head_dim);
+            if (v) {
+                float * y = rows_v.data() + i*head_dim_v;
+                cell_slice_to_f32(v, v_dim, c0 + first + i, h*head_dim_v, head_dim_v, y);
+                normalize(y, head_dim_v);
             }
         }
 
@@ -94,6 +124,11 @@ void ggml_compute_forward_chelsea_match(const ggml_compute_params * params, ggml
             for (int64_t j = 0; j < len; j += 2) {
                 float s;
                 ggml_vec_dot_f32((int) head_dim, &s, 0, rows.data() + i*head_dim, 0, rows.data() + j*head_dim, 0, 1);
+                if (v) {
+                    float sv;
+                    ggml_vec_dot_f32((int) head_dim_v, &sv, 0, rows_v.data() + i*head_dim_v, 0, rows_v.data() + j*head_dim_v, 0, 1);
+                    s = 1.0f - 0.5f*(1.0f - s)*(1.0f - sv);
+                }
                 if (s > best) {
                     best   = s;
                     best_j = first + j;

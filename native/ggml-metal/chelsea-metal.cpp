@@ -56,13 +56,21 @@ static size_t chelsea_merge_index_bytes(const ggml_tensor * op) {
     return GGML_PAD((2*n_head*n_out + n_head*(n_out + 1) + n_head*n_span)*sizeof(int32_t), 16);
 }
 
+// MATCH by keys and values: elements per cell of the value tensor (0 for keys only)
+static int64_t chelsea_match_n_embd_v(const ggml_tensor * op) {
+    const ggml_tensor * v = op->src[1];
+    return v ? v->ne[1 - ggml_get_op_params_i32(op, 4)] : 0;
+}
+
 size_t ggml_metal_op_chelsea_extra(const ggml_tensor * op) {
     const size_t pad = chelsea_scratch_offs(op) - ggml_nbytes(op);
     switch (op->op) {
         case GGML_OP_CHELSEA_MATCH:
             {
+                // unit keys, then (matching by keys and values) unit values, 16-byte aligned
                 const int32_t n_region = ggml_get_op_params_i32(op, 2);
-                return pad + (size_t) n_region*op->src[0]->ne[0]*sizeof(float);
+                return pad + GGML_PAD((size_t) n_region*op->src[0]->ne[0]*sizeof(float), 16) +
+                       (size_t) n_region*chelsea_match_n_embd_v(op)*sizeof(float);
             }
         case GGML_OP_CHELSEA_PLAN:
             {
@@ -87,42 +95,64 @@ size_t ggml_metal_op_chelsea_extra(const ggml_tensor * op) {
     }
 }
 
+// dispatches the kernel that writes the unit-length head slices of the region's cells of x to bid_out
+static void chelsea_match_encode_norm(ggml_metal_library_t lib, ggml_metal_encoder_t enc, const ggml_tensor * x,
+        int cells_dim, ggml_metal_kargs_chelsea args, ggml_metal_buffer_id bid_out) {
+    char name[256];
+    if (cells_dim == 1) {
+        args.nb01 = x->nb[1];
+        snprintf(name, sizeof(name), "kernel_chelsea_match_norm_%s", ggml_type_name(x->type));
+    } else {
+        args.nb00 = x->nb[0];
+        args.nb01 = x->nb[1];
+        snprintf(name, sizeof(name), "kernel_chelsea_match_norm_t_%s", ggml_type_name(x->type));
+    }
+    auto pipeline = chelsea_pipeline(lib, name);
+
+    ggml_metal_encoder_set_pipeline(enc, pipeline);
+    ggml_metal_encoder_set_bytes   (enc, &args, sizeof(args), 0);
+    ggml_metal_encoder_set_buffer  (enc, chelsea_buffer_id(x), 1);
+    ggml_metal_encoder_set_buffer  (enc, bid_out, 2);
+    ggml_metal_encoder_dispatch_threadgroups(enc, args.n_region, args.n_head, 1, 32, 1, 1);
+}
+
 int ggml_metal_op_chelsea_match(ggml_metal_library_t lib, ggml_metal_encoder_t enc, const ggml_tensor * op) {
     const ggml_tensor * k = op->src[0];
+    const ggml_tensor * v = op->src[1]; // ggml_chelsea_match_kv: values count too
 
     const int32_t n_head   = ggml_get_op_params_i32(op, 0);
     const int32_t c0       = ggml_get_op_params_i32(op, 1);
     const int32_t n_region = ggml_get_op_params_i32(op, 2);
     const int32_t chunk    = ggml_get_op_params_i32(op, 3);
+    const int32_t v_dim    = ggml_get_op_params_i32(op, 4);
 
     if (n_region == 0) {
         return 1;
     }
 
     ggml_metal_kargs_chelsea args = {};
-    args.n_head   = n_head;
-    args.head_dim = (int32_t) (k->ne[0] / n_head);
-    args.c0       = c0;
-    args.n_region = n_region;
-    args.chunk    = chunk;
-    args.nb01     = k->nb[1];
+    args.n_head      = n_head;
+    args.head_dim    = (int32_t) (k->ne[0] / n_head);
+    args.c0          = c0;
+    args.n_region    = n_region;
+    args.chunk       = chunk;
+    args.head_dim_v  = v ? (int32_t) (chelsea_match_n_embd_v(op) / n_head) : 0;
+    args.v_cells_dim = v_dim;
 
-    ggml_metal_buffer_id bid_src0 = chelsea_buffer_id(k);
-    ggml_metal_buffer_id bid_dst  = chelsea_buffer_id(op);
-    ggml_metal_buffer_id bid_tmp  = bid_dst;
-    bid_tmp.offs += chelsea_scratch_offs(op);
+    ggml_metal_buffer_id bid_dst = chelsea_buffer_id(op);
+    ggml_metal_buffer_id bid_xn  = bid_dst;
+    bid_xn.offs += chelsea_scratch_offs(op);
+    ggml_metal_buffer_id bid_vn  = bid_xn;
+    bid_vn.offs += GGML_PAD((size_t) n_region*k->ne[0]*sizeof(float), 16);
 
-    char name[256];
-    snprintf(name, sizeof(name), "kernel_chelsea_match_norm_%s", ggml_type_name(k->type));
-    auto pipeline_norm = chelsea_pipeline(lib, name);
+    chelsea_match_encode_norm(lib, enc, k, 1, args, bid_xn);
+    if (v) {
+        ggml_metal_kargs_chelsea args_v = args;
+        args_v.head_dim = args.head_dim_v;
+        chelsea_match_encode_norm(lib, enc, v, v_dim, args_v, bid_vn);
+    }
 
-    ggml_metal_encoder_set_pipeline(enc, pipeline_norm);
-    ggml_metal_encoder_set_bytes   (enc, &args, sizeof(args), 0);
-    ggml_metal_encoder_set_buffer  (enc, bid_src0, 1);
-    ggml_metal_encoder_set_buffer  (enc, bid_tmp,  2);
-    ggml_metal_encoder_dispatch_threadgroups(enc, n_region, n_head, 1, 32, 1, 1);
-
-    // the unit-length keys must be complete before any cell compares against them
+    // the unit-length keys and values must be complete before any cell compares against them
     ggml_metal_encoder_memory_barrier(enc);
 
     auto pipeline_best = chelsea_pipeline(lib, "kernel_chelsea_match_best");
@@ -131,8 +161,9 @@ int ggml_metal_op_chelsea_match(ggml_metal_library_t lib, ggml_metal_encoder_t e
 
     ggml_metal_encoder_set_pipeline(enc, pipeline_best);
     ggml_metal_encoder_set_bytes   (enc, &args, sizeof(args), 0);
-    ggml_metal_encoder_set_buffer  (enc, bid_tmp, 1);
-    ggml_metal_encoder_set_buffer  (enc, bid_dst, 2);
+    ggml_metal_encoder_set_buffer  (enc, bid_xn,  1);
+    ggml_metal_encoder_set_buffer  (enc, v ? bid_vn : bid_xn, 2); // not read without values
+    ggml_metal_encoder_set_buffer  (enc, bid_dst, 3);
     ggml_metal_encoder_dispatch_threadgroups(enc, (n_region + nsg - 1)/nsg, n_head, 1, 32, nsg, 1);
 
     return 1;
@@ -259,9 +290,19 @@ bool ggml_metal_chelsea_supports_op(const ggml_tensor * op, bool has_simdgroup_r
     switch (op->op) {
         case GGML_OP_CHELSEA_MATCH:
             {
-                // keys are read in pieces of 16 elements (a float4x4), rows through their stride
-                const int64_t head_dim = src0->ne[0] / ggml_get_op_params_i32(op, 0);
-                return chelsea_kv_type(src0->type) && src0->nb[0] == ggml_type_size(src0->type) && head_dim % 16 == 0;
+                // keys (and values along ne1) are read in pieces of 16 elements (a float4x4), rows through their
+                // stride; transposed values element by element (float types only)
+                const int32_t n_head   = ggml_get_op_params_i32(op, 0);
+                const int64_t head_dim = src0->ne[0] / n_head;
+                const ggml_tensor * v = op->src[1];
+                bool v_ok = true;
+                if (v) {
+                    v_ok = ggml_get_op_params_i32(op, 4) == 1
+                        ? chelsea_kv_type(v->type) && v->nb[0] == ggml_type_size(v->type) && (v->ne[0] / n_head) % 16 == 0
+                        : v->type == GGML_TYPE_F32 || v->type == GGML_TYPE_F16 || v->type == GGML_TYPE_BF16;
+                    v_ok = v_ok && (v->type != GGML_TYPE_BF16 || has_bfloat);
+                }
+                return chelsea_kv_type(src0->type) && src0->nb[0] == ggml_type_size(src0->type) && head_dim % 16 == 0 && v_ok;
             }
         case GGML_OP_CHELSEA_PLAN:
             return src0->type == GGML_TYPE_F32 && op->src[1]->type == GGML_TYPE_F32;

@@ -97,11 +97,59 @@ template [[host_name("kernel_chelsea_match_norm_q5_1")]]   kernel kernel_chelsea
 template [[host_name("kernel_chelsea_match_norm_q8_0")]]   kernel kernel_chelsea_match_norm_t kernel_chelsea_match_norm<block_q8_0,   2, dequantize_q8_0>;
 template [[host_name("kernel_chelsea_match_norm_iq4_nl")]] kernel kernel_chelsea_match_norm_t kernel_chelsea_match_norm<block_iq4_nl, 2, dequantize_iq4_nl>;
 
+// as kernel_chelsea_match_norm, for cells along ne0 (llama.cpp's transposed V, float types): element e of cell
+// i at src0 + i*nb00 + e*nb01
+template <typename T>
+kernel void kernel_chelsea_match_norm_t(
+        constant ggml_metal_kargs_chelsea & args,
+        device const char  * src0,
+        device       float * xn,
+        uint3   tgpig[[threadgroup_position_in_grid]],
+        ushort  tiisg[[thread_index_in_simdgroup]]) {
+    const int i = tgpig.x;
+    const int h = tgpig.y;
+
+    device const char * cell = src0 + (int64_t) (args.c0 + i)*args.nb00;
+    device       float * o   = xn + ((int64_t) i*args.n_head + h)*args.head_dim;
+
+    float sum = 0.0f;
+    for (int e = tiisg; e < args.head_dim; e += N_SIMDWIDTH) {
+        const float v = (float) *((device const T *) (cell + (int64_t) (h*args.head_dim + e)*args.nb01));
+        o[e] = v;
+        sum += v*v;
+    }
+    sum = simd_sum(sum);
+
+    const float scale = sum > 0.0f ? 1.0f/sqrt(sum) : 0.0f;
+
+    for (int e = tiisg; e < args.head_dim; e += N_SIMDWIDTH) {
+        o[e] *= scale;
+    }
+}
+
+typedef decltype(kernel_chelsea_match_norm_t<float>) kernel_chelsea_match_norm_t_t;
+
+template [[host_name("kernel_chelsea_match_norm_t_f32")]]  kernel kernel_chelsea_match_norm_t_t kernel_chelsea_match_norm_t<float>;
+template [[host_name("kernel_chelsea_match_norm_t_f16")]]  kernel kernel_chelsea_match_norm_t_t kernel_chelsea_match_norm_t<half>;
+#if defined(GGML_METAL_HAS_BF16)
+template [[host_name("kernel_chelsea_match_norm_t_bf16")]] kernel kernel_chelsea_match_norm_t_t kernel_chelsea_match_norm_t<bfloat>;
+#endif
+
+static inline float chelsea_dot_simd(device const float * a, device const float * b, int n, ushort tiisg) {
+    float s = 0.0f;
+    for (int e = tiisg; e < n; e += N_SIMDWIDTH) {
+        s += a[e]*b[e];
+    }
+    return simd_sum(s); // the same value in every lane: every lane takes the same branch
+}
+
 // one simdgroup per (cell, head): an A cell (odd offset in its chunk) picks the B cell (even offset) of its chunk
-// with the highest similarity; strict '>' over increasing j keeps the lowest index on ties, like the CPU
+// with the highest score: the cosine of the keys, or with unit values vn (args.head_dim_v > 0)
+// 1 - (1 - cos k)(1 - cos v)/2. Strict '>' over increasing j keeps the lowest index on ties, like the CPU
 kernel void kernel_chelsea_match_best(
         constant ggml_metal_kargs_chelsea & args,
         device const float * xn,
+        device const float * vn,
         device       float * dst,
         uint3   tgpig[[threadgroup_position_in_grid]],
         ushort  sgitg[[simdgroup_index_in_threadgroup]],
@@ -128,17 +176,18 @@ kernel void kernel_chelsea_match_best(
         return;
     }
 
-    device const float * a = xn + ((int64_t) i*args.n_head + h)*args.head_dim;
+    const int dv = args.head_dim_v;
+    device const float * a  = xn + ((int64_t) i*args.n_head + h)*args.head_dim;
+    device const float * av = vn + ((int64_t) i*args.n_head + h)*dv;
 
     float best   = CHELSEA_NO_SCORE;
     int   best_j = i - 1;
     for (int j = first; j < first + len; j += 2) {
-        device const float * b = xn + ((int64_t) j*args.n_head + h)*args.head_dim;
-        float s = 0.0f;
-        for (int e = tiisg; e < args.head_dim; e += N_SIMDWIDTH) {
-            s += a[e]*b[e];
+        float s = chelsea_dot_simd(a, xn + ((int64_t) j*args.n_head + h)*args.head_dim, args.head_dim, tiisg);
+        if (dv > 0) {
+            const float sv = chelsea_dot_simd(av, vn + ((int64_t) j*args.n_head + h)*dv, dv, tiisg);
+            s = 1.0f - 0.5f*(1.0f - s)*(1.0f - sv);
         }
-        s = simd_sum(s); // the same value in every lane: every lane takes the same branch
         if (s > best) {
             best   = s;
             best_j = j;

@@ -27,6 +27,36 @@ struct ggml_tensor * ggml_chelsea_match(
     return result;
 }
 
+struct ggml_tensor * ggml_chelsea_match_kv(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * k,
+        struct ggml_tensor  * v,
+        int                   v_cells_dim,
+        int                   n_head,
+        int                   c0,
+        int                   n_region,
+        int                   chunk) {
+    GGML_ASSERT(v_cells_dim == 0 || v_cells_dim == 1);
+    GGML_ASSERT(v->ne[2] == 1 && v->ne[3] == 1);
+    GGML_ASSERT(v->ne[v_cells_dim] == k->ne[1]);
+    const int64_t n_embd_v = v->ne[1 - v_cells_dim];
+    GGML_ASSERT(n_embd_v % n_head == 0);
+    if (v_cells_dim == 1) {
+        GGML_ASSERT((n_embd_v / n_head) % ggml_blck_size(v->type) == 0);
+    } else {
+        GGML_ASSERT(v->type == GGML_TYPE_F32 || v->type == GGML_TYPE_F16 || v->type == GGML_TYPE_BF16);
+    }
+
+    struct ggml_tensor * result = ggml_chelsea_match(ctx, k, n_head, c0, n_region, chunk);
+
+    const int32_t params[] = { n_head, c0, n_region, chunk, v_cells_dim };
+    ggml_set_op_params(result, params, sizeof(params));
+
+    result->src[1] = v;
+
+    return result;
+}
+
 struct ggml_tensor * ggml_chelsea_plan(
         struct ggml_context * ctx,
         struct ggml_tensor  * m,

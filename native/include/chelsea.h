@@ -48,6 +48,8 @@ struct chelsea_kv_cluster_params {
     float   pass_fraction; // share of a pass's candidate (A) cells it may merge, in (0, 1]: below 1, a pass
                            // merges only the most similar pairs and leaves distinct tokens for later
     bool    log_bias;     // add log(cluster size) to attention logits (proportional attention)
+    bool    match_values; // score a pair by keys and values, 1 - (1 - cos k)(1 - cos v)/2 (default); false: by
+                          // the cosine of the keys alone, as the paper does (see ggml_chelsea_match_kv)
     bool    random_pairs; // a baseline for benchmarks, not for use: each pass merges A cells into B cells of the
                           // same chunk chosen at random (from `seed`) instead of by key similarity; sizes,
                           // weighted means and the bias stay as with the real matching
@@ -101,13 +103,13 @@ LLAMA_API int32_t chelsea_kv_cluster_sizes(
         float * out,
         int32_t n_cells);
 
-// Runs one pass of the Chelsea ops (match, plan, merge) on the CPU backend over caller data, for
-// checking the ops against a reference. k: [n_span][n_embd] f32, stored as type_k before the pass;
+// Runs one pass of the Chelsea ops (match or, with match_values, match by keys and values; plan, merge) on
+// the CPU backend over caller data, for checking the ops against a reference. k: [n_span][n_embd] f32, stored as type_k before the pass;
 // v: [n_span][n_embd] f32 stored as type_v (transposed when v_trans); s: [n_head][n_span] sizes.
 // Outputs (any may be NULL): k_in/v_in the stored inputs read back as f32; match [2][n_head][n_region];
 // plan [3][n_head][n_span]; k_out/v_out [n_span - n_remove][n_embd] f32. Returns 0, or -1 on bad input.
 LLAMA_API int32_t chelsea_ops_run_cpu(
-        int32_t type_k, int32_t type_v, bool v_trans,
+        int32_t type_k, int32_t type_v, bool v_trans, bool match_values,
         int32_t n_embd, int32_t n_head, int32_t n_span,
         int32_t c0, int32_t n_region, int32_t chunk, int32_t n_remove,
         const float * k, const float * v, const float * s,

@@ -2,6 +2,7 @@
 //
 // One compression pass over one layer of a KV cache is
 //     m = ggml_chelsea_match(ctx, k, n_head, c0, n_region, chunk);   // who is similar to whom
+//         (or ggml_chelsea_match_kv(ctx, k, v, v_cells_dim, ...): by keys and values)
 //     p = ggml_chelsea_plan (ctx, m, s, c0, n_remove);               // which merges, where cells go
 //     k' = ggml_chelsea_merge(ctx, k, p, n_remove, 1);               // size-weighted centroids, packed low
 //     v' = ggml_chelsea_merge(ctx, v, p, n_remove, 1 or 0);
@@ -28,6 +29,22 @@ extern "C" {
 GGML_API struct ggml_tensor * ggml_chelsea_match(
         struct ggml_context * ctx,
         struct ggml_tensor  * k,
+        int                   n_head,
+        int                   c0,
+        int                   n_region,
+        int                   chunk);
+
+// As ggml_chelsea_match, scoring a pair by its keys and its values: 1 - (1 - cos k)(1 - cos v)/2, in [-1, 1].
+// Merging two cells into their mean changes attention output by about (p_a - p_b)(v_a - v_b)/2, so a pair is
+// cheap when either the keys (hence the weights p) or the values agree; tokens with alike keys but different
+// values (the digits of a number) are kept apart. v: [n_embd_v, n_span] (v_cells_dim = 1) or llama.cpp's
+// transposed [n_span, n_embd_v] (v_cells_dim = 0, F32/F16/BF16 only); head h owns elements
+// [h*n_embd_v/n_head, (h+1)*n_embd_v/n_head). A non-finite value, like a non-finite key, never wins.
+GGML_API struct ggml_tensor * ggml_chelsea_match_kv(
+        struct ggml_context * ctx,
+        struct ggml_tensor  * k,
+        struct ggml_tensor  * v,
+        int                   v_cells_dim,
         int                   n_head,
         int                   c0,
         int                   n_region,

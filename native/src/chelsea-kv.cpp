@@ -135,6 +135,15 @@ std::vector<float> draw_random_pairs(std::mt19937 & rng, int64_t n_head, int64_t
     return out;
 }
 
+// the first n cells of stream strm of a V cache: [n_embd_v, n], or [n, n_embd_v] when V is transposed (row c
+// holds channel c of every cell)
+ggml_tensor * v_cells_view(ggml_context * ctx, ggml_tensor * v, bool v_trans, uint32_t kv_size, uint32_t strm, uint32_t n) {
+    if (!v_trans) {
+        return ggml_view_2d(ctx, v, v->ne[0], n, v->nb[1], strm*v->nb[2]);
+    }
+    return ggml_view_2d(ctx, v, n, v->ne[0], ggml_row_size(v->type, kv_size), strm*v->nb[2]);
+}
+
 // cells a sequence may be compressed to: its budget, never below what is protected
 uint32_t target_cells(const chelsea_kv_cluster_params & p, int64_t tokens) {
     const int64_t budget = (int64_t) std::ceil((double) p.ratio * (double) tokens);
@@ -659,12 +668,15 @@ bool llama_kv_cache::chelsea_run_pass(llama_context * lctx, uint32_t strm, uint3
         ggml_tensor * s = st.sizes[ikv];
         const int64_t n_head_kv = s->ne[1];
 
-        ggml_tensor * k = ggml_view_2d(ctx, layer.k, layer.k->ne[0], n, layer.k->nb[1], strm*layer.k->nb[2]);
-        ggml_tensor * m = nullptr;
+        ggml_tensor * k  = ggml_view_2d(ctx, layer.k, layer.k->ne[0], n, layer.k->nb[1], strm*layer.k->nb[2]);
+        ggml_tensor * vv = layer.v ? v_cells_view(ctx, layer.v, v_trans, kv_size, strm, n) : nullptr;
+        ggml_tensor * m  = nullptr;
         if (st.params.random_pairs) {
             m = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_region, n_head_kv, 2);
             ggml_set_input(m);
             drawn.emplace_back(m, draw_random_pairs(st.rng, n_head_kv, n_region, st.params.chunk));
+        } else if (st.params.match_values && vv) {
+            m = ggml_chelsea_match_kv(ctx, k, vv, v_trans ? 0 : 1, (int) n_head_kv, (int) c0, (int) n_region, st.params.chunk);
         } else {
             m = ggml_chelsea_match(ctx, k, (int) n_head_kv, (int) c0, (int) n_region, st.params.chunk);
         }
@@ -675,17 +687,14 @@ bool llama_kv_cache::chelsea_run_pass(llama_context * lctx, uint32_t strm, uint3
         ggml_build_forward_expand(gf, ggml_cpy(ctx, k_new,
                 ggml_view_2d(ctx, layer.k, layer.k->ne[0], n_out, layer.k->nb[1], strm*layer.k->nb[2])));
 
-        if (layer.v) {
+        if (vv) {
             ggml_tensor * v = layer.v;
             if (!v_trans) {
-                ggml_tensor * vv = ggml_view_2d(ctx, v, v->ne[0], n, v->nb[1], strm*v->nb[2]);
                 ggml_tensor * v_new = ggml_chelsea_merge(ctx, vv, plan, (int) n_remove, 1);
                 ggml_build_forward_expand(gf, ggml_cpy(ctx, v_new,
                         ggml_view_2d(ctx, v, v->ne[0], n_out, v->nb[1], strm*v->nb[2])));
             } else {
-                // transposed V: row c holds channel c of every cell
                 const size_t row = ggml_row_size(v->type, kv_size);
-                ggml_tensor * vv = ggml_view_2d(ctx, v, n, v->ne[0], row, strm*v->nb[2]);
                 ggml_tensor * v_new = ggml_chelsea_merge(ctx, vv, plan, (int) n_remove, 0);
                 ggml_build_forward_expand(gf, ggml_cpy(ctx, v_new,
                         ggml_view_2d(ctx, v, n_out, v->ne[0], row, strm*v->nb[2])));
@@ -726,6 +735,7 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.max_passes = 32;
     p.pass_fraction = 0.25f;
     p.log_bias   = true;
+    p.match_values = true;
     p.random_pairs = false;
     p.seed       = 0;
     return p;

@@ -51,7 +51,7 @@ void load_cells(const ggml_tensor * t, bool transposed, float * dst) {
 } // namespace
 
 int32_t chelsea_ops_run_cpu(
-        int32_t type_k, int32_t type_v, bool v_trans,
+        int32_t type_k, int32_t type_v, bool v_trans, bool match_values,
         int32_t n_embd, int32_t n_head, int32_t n_span,
         int32_t c0, int32_t n_region, int32_t chunk, int32_t n_remove,
         const float * k, const float * v, const float * s,
@@ -95,7 +95,9 @@ int32_t chelsea_ops_run_cpu(
     ggml_tensor * ts = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_span, n_head);
     memcpy(ts->data, s, ggml_nbytes(ts));
 
-    ggml_tensor * tm  = ggml_chelsea_match(ctx, tk, n_head, c0, n_region, chunk);
+    ggml_tensor * tm  = match_values
+        ? ggml_chelsea_match_kv(ctx, tk, tv, v_trans ? 0 : 1, n_head, c0, n_region, chunk)
+        : ggml_chelsea_match(ctx, tk, n_head, c0, n_region, chunk);
     ggml_tensor * tp  = ggml_chelsea_plan(ctx, tm, ts, c0, n_remove);
     ggml_tensor * tko = ggml_chelsea_merge(ctx, tk, tp, n_remove, 1);
     ggml_tensor * tvo = ggml_chelsea_merge(ctx, tv, tp, n_remove, v_trans ? 0 : 1);
