@@ -29,8 +29,21 @@ DECODE_TOKENS = 256
 REPEATS = 3
 
 
+# decode configurations beyond full vs Chelsea's defaults, for finding where GPU time goes
+# (GPU_BENCH_VARIANTS="no-bias,g=1024": Chelsea without the log(size) bias, with a decode interval of 1024)
+VARIANTS = [v for v in os.environ.get("GPU_BENCH_VARIANTS", "").split(",") if v]
+
+
 def cluster_kwargs(kind: str) -> dict[str, Any]:
-    return {} if kind == "full" else {"kv_cluster": True, "kv_cluster_ratio": RATIO}
+    if kind == "full":
+        return {}
+    kw: dict[str, Any] = {"kv_cluster": True, "kv_cluster_ratio": RATIO}
+    for part in kind.split()[2:]:
+        if part == "no-bias":
+            kw["kv_cluster_bias"] = False
+        elif part.startswith("g="):
+            kw["kv_cluster_interval"] = int(part[2:])
+    return kw
 
 
 def passkey_rows(model: str) -> list[dict[str, Any]]:
@@ -64,7 +77,7 @@ def document(llm: Llama, n: int) -> list[int]:
 def decode_rows(model: str) -> list[dict[str, Any]]:
     rows = []
     for depth in DECODE_DEPTHS:
-        for kind in ("full", f"chelsea R={RATIO:g}"):
+        for kind in ["full", f"chelsea R={RATIO:g}"] + [f"chelsea R={RATIO:g} {v.replace('+', ' ')}" for v in VARIANTS]:
             with Llama(model, n_ctx=depth + DECODE_TOKENS * (REPEATS + 1), n_batch=2048, n_gpu_layers=99,
                        flash_attn=True, verbose=False, **cluster_kwargs(kind)) as llm:
                 doc = document(llm, depth)
@@ -98,7 +111,7 @@ def markdown(res: dict[str, Any]) -> str:
     lines = [f"# GPU check on {m['gpu']}", "",
              f"Model {m['model']}, everything on the GPU (`n_gpu_layers=99`), Chelsea at R={RATIO:g} with the "
              f"default options; `bash scripts/gpu_check.sh run`, {m['date']}, {m['wall_s']:.0f} s.", "",
-             f"## Passkey ({res['passkey'][0]['prompt_tokens']} tokens, context {PASSKEY_CTX}, needle at "
+             f"## Passkey ({res['passkey'][0]['prompt_tokens'] if res['passkey'] else '-'} tokens, context {PASSKEY_CTX}, needle at "
              f"{', '.join(f'{d:.0%}' for d in DEPTHS)})", "",
              "| config | flash attn | retrieved | compression | KV MiB |", "|---|---|---:|---:|---:|"]
     for r in res["passkey"]:
@@ -117,13 +130,15 @@ def markdown(res: dict[str, Any]) -> str:
 def main() -> int:
     gpu, model, out = os.environ["GPU"], os.environ["MODEL"], Path(os.environ.get("OUTDIR", "bench/results"))
     t0 = time.time()
-    res: dict[str, Any] = {"passkey": passkey_rows(model), "decode": decode_rows(model)}
+    res: dict[str, Any] = {"passkey": [] if os.environ.get("GPU_BENCH_SKIP_PASSKEY") else passkey_rows(model),
+                           "decode": decode_rows(model)}
     res["meta"] = {"gpu": gpu, "model": Path(model).name, "cpu_cores": os.cpu_count(), "python": platform.python_version(),
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": round(time.time() - t0, 1),
                    "command": "bash scripts/gpu_check.sh run"}
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"gpu_check_{gpu}.json").write_text(json.dumps(res, indent=1) + "\n")
-    (out / f"gpu_check_{gpu}.md").write_text(markdown(res))
+    stem = f"gpu_check_{gpu}" + ("_variants" if VARIANTS else "")
+    (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(markdown(res))
     print(markdown(res))
     return 0
 

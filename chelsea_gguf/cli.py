@@ -144,7 +144,7 @@ def add_cluster_arguments(p: argparse.ArgumentParser, *, on_by_default: bool = F
     g.add_argument("--kv-sinks", type=int, default=None, metavar="N", help="first tokens never merged (default 16)")
     g.add_argument("--kv-recent", type=int, default=None, metavar="N", help="last tokens never merged (default 64)")
     g.add_argument("--kv-interval", type=int, default=None, metavar="G",
-                   help="compress when G cells over budget while generating (default 64)")
+                   help="compress when G cells over budget while generating (default 256)")
     g.add_argument("--kv-no-bias", dest="kv_bias", action="store_false",
                    help="do not add log(cluster size) to attention logits")
     g.add_argument("--kv-match-keys", dest="kv_match_values", action="store_false",

@@ -20,7 +20,7 @@ class ClusterOptions:
     chunk: int = 64         # cells per matching chunk (even)
     sinks: int = 16         # first tokens never merged
     recent: int = 64        # last tokens never merged
-    interval: int = 64      # compress once a sequence exceeds its budget by this many cells
+    interval: int = 256     # while generating, compress once a sequence exceeds its budget by this many cells
     max_passes: int = 32
     pass_fraction: float = 0.25  # share of candidate cells one pass may merge: the most similar pairs go first
     bias: bool = True       # proportional attention: + log(cluster size)
@@ -54,9 +54,10 @@ class ClusterOptions:
     def physical_cells(self, n_ctx: int, n_batch: int) -> int:
         """KV cells to allocate for a logical context of n_ctx tokens: the budget at a full context plus
         room for whichever is larger, the interval of slack while generating or one batch of the prompt
-        (the cache compresses to budget before a batch that would not fit), never more than the full cache."""
+        (the cache compresses to budget before a batch or a token that would not fit, so a full interval never
+        needs a cell more), never more than the full cache."""
         budget = max(math.ceil(self.ratio * n_ctx), self.sinks + self.recent + 2)
-        return min(n_ctx, budget + max(self.interval + 1, n_batch))
+        return min(n_ctx, budget + max(self.interval, n_batch))
 
     def to_native(self) -> Any:
         p = lib.chelsea_kv_cluster_default_params()

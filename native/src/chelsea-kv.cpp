@@ -53,9 +53,27 @@ llama_kv_cache * clustered_cache(const llama_context * ctx, llama_seq_id seq_id)
 
 // every cell back to standing for one token
 void reset_all_sizes(const chelsea_kv_state & st) {
-    for (ggml_tensor * t : st.sizes) {
-        const std::vector<float> ones(ggml_nelements(t), 1.0f);
-        ggml_backend_tensor_set(t, ones.data(), 0, ones.size()*sizeof(float));
+    for (size_t il = 0; il < st.sizes.size(); ++il) {
+        const std::vector<float> ones(ggml_nelements(st.sizes[il]), 1.0f);
+        const std::vector<float> zeros(ones.size(), 0.0f);
+        ggml_backend_tensor_set(st.sizes[il], ones.data(), 0, ones.size()*sizeof(float));
+        ggml_backend_tensor_set(st.log_sizes[il], zeros.data(), 0, zeros.size()*sizeof(float));
+    }
+}
+
+// log_sizes of cells [first, first + count) of stream strm, from their sizes
+void sync_log_sizes(const chelsea_kv_state & st, uint32_t strm, uint32_t first, uint32_t count) {
+    std::vector<float> buf(count);
+    for (size_t il = 0; il < st.sizes.size(); ++il) {
+        ggml_tensor * s = st.sizes[il];
+        for (int64_t h = 0; h < s->ne[1]; ++h) {
+            const size_t offs = strm*s->nb[2] + h*s->nb[1] + first*sizeof(float);
+            ggml_backend_tensor_get(s, buf.data(), offs, count*sizeof(float));
+            for (float & x : buf) {
+                x = std::log(x);
+            }
+            ggml_backend_tensor_set(st.log_sizes[il], buf.data(), offs, count*sizeof(float));
+        }
     }
 }
 
@@ -67,10 +85,13 @@ void reset_cell_sizes(const chelsea_kv_state & st, uint32_t strm, const std::vec
             ++i1;
         }
         const std::vector<float> ones(i1 - i0, 1.0f);
-        for (ggml_tensor * t : st.sizes) {
+        const std::vector<float> zeros(i1 - i0, 0.0f);
+        for (size_t il = 0; il < st.sizes.size(); ++il) {
+            ggml_tensor * t = st.sizes[il];
             for (int64_t h = 0; h < t->ne[1]; ++h) {
-                ggml_backend_tensor_set(t, ones.data(), strm*t->nb[2] + h*t->nb[1] + idxs[i0]*sizeof(float),
-                        ones.size()*sizeof(float));
+                const size_t offs = strm*t->nb[2] + h*t->nb[1] + idxs[i0]*sizeof(float);
+                ggml_backend_tensor_set(t, ones.data(), offs, ones.size()*sizeof(float));
+                ggml_backend_tensor_set(st.log_sizes[il], zeros.data(), offs, zeros.size()*sizeof(float));
             }
         }
         i0 = i1;
@@ -210,12 +231,15 @@ bool llama_kv_cache::chelsea_enable(const chelsea_kv_cluster_params & params, st
         ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
         auto it = ctx_map.find(buft);
         if (it == ctx_map.end()) {
-            ggml_init_params ip = { size_t(layers.size() + 1)*ggml_tensor_overhead(), nullptr, true };
+            ggml_init_params ip = { size_t(2*layers.size() + 1)*ggml_tensor_overhead(), nullptr, true };
             it = ctx_map.emplace(buft, ggml_context_ptr(ggml_init(ip))).first;
         }
         ggml_tensor * s = ggml_new_tensor_3d(it->second.get(), GGML_TYPE_F32, get_size(), hparams.n_head_kv(layer.il), n_stream);
         ggml_format_name(s, "chelsea_sizes_l%d", layer.il);
         st->sizes.push_back(s);
+        ggml_tensor * ls = ggml_dup_tensor(it->second.get(), s);
+        ggml_format_name(ls, "chelsea_log_sizes_l%d", layer.il);
+        st->log_sizes.push_back(ls);
     }
     for (auto & [buft, ctx] : ctx_map) {
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
@@ -271,10 +295,12 @@ bool llama_kv_cache::chelsea_seq_cp(llama_seq_id seq_id_src, llama_seq_id seq_id
     const uint32_t s1 = seq_to_stream[seq_id_dst];
     if (s0 != s1) {
         // a whole-stream copy (llama.cpp allows no other): dst's stream becomes src's, cluster sizes included
-        for (ggml_tensor * t : st.sizes) {
-            std::vector<uint8_t> buf(t->nb[2]);
-            ggml_backend_tensor_get(t, buf.data(), s0*t->nb[2], buf.size());
-            ggml_backend_tensor_set(t, buf.data(), s1*t->nb[2], buf.size());
+        for (size_t il = 0; il < st.sizes.size(); ++il) {
+            for (ggml_tensor * t : { st.sizes[il], st.log_sizes[il] }) {
+                std::vector<uint8_t> buf(t->nb[2]);
+                ggml_backend_tensor_get(t, buf.data(), s0*t->nb[2], buf.size());
+                ggml_backend_tensor_set(t, buf.data(), s1*t->nb[2], buf.size());
+            }
         }
         dst = src;
         dst.pending = dst.forced = false;
@@ -418,6 +444,9 @@ bool llama_kv_cache::chelsea_state_read(llama_io_read_i & io, uint32_t strm, uin
             }
         }
     }
+    for (const auto & [first, count] : runs) {
+        sync_log_sizes(st, strm, first, count);
+    }
 
     uint32_t n_seq;
     io.read(&n_seq, sizeof(n_seq));
@@ -549,10 +578,10 @@ ggml_tensor * llama_kv_cache::chelsea_get_bias(ggml_context * ctx, int32_t il, u
     if (!st.any_merged || !st.params.log_bias) {
         return nullptr;
     }
-    ggml_tensor * s = st.sizes[map_layer_ids.at(il)];
+    // [n_kv, 1, 1, n_head_kv*n_stream]: head h of stream s at h + n_head_kv*s, one stride apart (kv_size floats)
+    ggml_tensor * ls = st.log_sizes[map_layer_ids.at(il)];
     const uint32_t ns = sinfo.s1 - sinfo.s0 + 1;
-    ggml_tensor * view = ggml_view_3d(ctx, s, n_kv, s->ne[1], ns, s->nb[1], s->nb[2], sinfo.s0*s->nb[2]);
-    return ggml_log(ctx, view);
+    return ggml_view_4d(ctx, ls, n_kv, 1, 1, ls->ne[1]*ns, ls->nb[1], ls->nb[1], ls->nb[1], sinfo.s0*ls->nb[2]);
 }
 
 bool llama_kv_cache::chelsea_update(llama_context * lctx) {
@@ -705,6 +734,9 @@ bool llama_kv_cache::chelsea_run_pass(llama_context * lctx, uint32_t strm, uint3
         ggml_tensor * sizes_new = ggml_view_2d(ctx, plan, n, n_head_kv, plan->nb[1], 2*plan->nb[2]);
         ggml_build_forward_expand(gf, ggml_cpy(ctx, sizes_new,
                 ggml_view_2d(ctx, s, n, n_head_kv, s->nb[1], strm*s->nb[2])));
+        ggml_tensor * ls = st.log_sizes[ikv];
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_log(ctx, sizes_new),
+                ggml_view_2d(ctx, ls, n, n_head_kv, ls->nb[1], strm*ls->nb[2])));
     }
 
     if (!ggml_backend_sched_alloc_graph(sched, gf)) {
@@ -731,7 +763,7 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.chunk      = 64;
     p.n_sink     = 16;
     p.n_recent   = 64;
-    p.interval   = 64;
+    p.interval   = 256;
     p.max_passes = 32;
     p.pass_fraction = 0.25f;
     p.log_bias   = true;

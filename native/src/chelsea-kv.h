@@ -26,6 +26,9 @@ struct chelsea_kv_state {
 
     // per cache layer (order of llama_kv_cache::layers): f32 [kv_size, n_head_kv, n_stream], 1 for a plain token
     std::vector<ggml_tensor *> sizes;
+    // log(sizes), kept beside them (updated where they change): the attention bias reads it directly, with no
+    // per-layer, per-token log and copy
+    std::vector<ggml_tensor *> log_sizes;
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
 
     std::vector<chelsea_seq_state> seqs; // LLAMA_MAX_SEQ entries
