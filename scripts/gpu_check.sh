@@ -160,6 +160,9 @@ run)
     if [ ! -f "$model" ] && ls "$STAGE"/model.* > /dev/null 2>&1; then
         cat "$STAGE"/model.* > "$model"
     fi
+    if [ ! -f "$model" ] && [ "$MODE" = "--installed" ]; then
+        model="$(cd /tmp && $PY -c 'from chelsea_gguf import smollm2_path; print(smollm2_path())')" # fetched if needed
+    fi
     if [ ! -f "$model" ] || [ "$(sha256sum "$model" | cut -d' ' -f1)" != "$MODEL_SHA256" ]; then
         log "model missing or incomplete (stage .device/part1 and part2 first): passkey and decode skipped"
         exit 2

@@ -93,19 +93,22 @@ def test_state_round_trip_with_merged_cells(clustered) -> None:
 
 
 def test_prompt_cache_reuse_matches_a_fresh_context(model_path: Path, clustered) -> None:
-    """LlamaRAMCache restores states, and a new prompt that shares only part of a compressed prefix makes
-    llama_cpp's partial seq_rm fail: it must re-evaluate and answer exactly like a fresh context."""
+    """LlamaRAMCache restores states with merged cells, the same way every time, and a new prompt that shares
+    only part of a compressed prefix makes llama_cpp's partial seq_rm fail: it must re-evaluate and answer
+    exactly like a fresh context. (A restored prompt is not compared with its first answer: llama_cpp
+    re-evaluates the last prompt token, which then attends to the compressed prefix, while the first answer
+    came before the compression.)"""
     clustered.reset()
     clustered.set_cache(llama_cpp.LlamaRAMCache(capacity_bytes=1 << 30))
     try:
         clustered(LONG_NOTES + " Summary:", max_tokens=8, temperature=0.0)
         assert len(clustered.cache.cache_state) == 1
-        # the same prompt again in this context: its compressed prefix is reused, the last token re-evaluated
-        # (over merged cells, so the answer may differ from the first, which came before the compression)
-        reused_here = text(clustered(LONG_NOTES + " Summary:", max_tokens=8, temperature=0.0))
-        clustered(PROMPT, max_tokens=4, temperature=0.0)  # the context moves on; the cache keeps the state
-        again = text(clustered(LONG_NOTES + " Summary:", max_tokens=8, temperature=0.0))  # restored from the cache
-        assert again == reused_here
+        restored = []
+        for _ in range(2):
+            clustered(PROMPT, max_tokens=4, temperature=0.0)  # the context moves on; the cache keeps the state
+            restored.append(text(clustered(LONG_NOTES + " Summary:", max_tokens=8, temperature=0.0)))
+        assert restored[0] == restored[1]
+        assert clustered.kv_cluster_stats()["passes"] > 0
         branch = LONG_NOTES[: len(LONG_NOTES) // 2] + " In short, the weather"
         reused = text(clustered(branch, max_tokens=8, temperature=0.0))
     finally:
@@ -113,7 +116,6 @@ def test_prompt_cache_reuse_matches_a_fresh_context(model_path: Path, clustered)
     fresh_llm = make(model_path, n_ctx=4096, kv_cluster=True, kv_cluster_ratio=0.25)
     try:
         assert text(fresh_llm(branch, max_tokens=8, temperature=0.0)) == reused
-        assert text(fresh_llm(LONG_NOTES + " Summary:", max_tokens=8, temperature=0.0)) == first
     finally:
         fresh_llm.close()
 
