@@ -45,10 +45,6 @@ pack)
     [ "$ROOT" = "$BUILT_AT" ] || log "warning: the build's commands name $ROOT; the device run links $BUILT_AT to the tree"
     rm -rf .device && mkdir -p .device/build
     grep -qx '/.device/' .git/info/exclude 2>/dev/null || echo '/.device/' >> .git/info/exclude
-    # every command of the libraries and the Python module; test-backend-ops is linked there without
-    # llama-common (it uses none of it, and llama-common is 40 more objects)
-    ninja -C "$BUILD_HERE" -t commands ggml-cuda ggml llama _chelsea_native > .device/build/commands.txt || exit 1
-    ninja -C "$BUILD_HERE" -t commands test-backend-ops | grep -- "-c .*test-backend-ops.cpp" >> .device/build/commands.txt
     # what the build reads besides the working tree: the patched llama.cpp sources it laid out and its own
     # outputs so far (paths relative to the tree), and the cuBLAS headers its -I names (an absolute path).
     # When everything is compiled and linked here (scripts/gpu_finish_build.py run here links
@@ -64,6 +60,10 @@ pack)
             "$BUILD_HERE"/_chelsea_native.cpython-*.so || exit 1
         : > .device/build/commands.txt
     else
+        # every command of the libraries and the Python module; test-backend-ops is linked there without
+        # llama-common (it uses none of it, and llama-common is 40 more objects)
+        ninja -C "$BUILD_HERE" -t commands ggml-cuda ggml llama _chelsea_native > .device/build/commands.txt || exit 1
+        ninja -C "$BUILD_HERE" -t commands test-backend-ops | grep -- "-c .*test-backend-ops.cpp" >> .device/build/commands.txt
         tar -czf .device/build/build.tgz --exclude='*.o.d' \
             "$BUILD_HERE"/llama.cpp/{include,src,common,vendor,tests} \
             "$BUILD_HERE"/llama.cpp/ggml/{include,src/*.c,src/*.cpp,src/*.h,src/ggml-cpu,src/ggml-cuda} \

@@ -717,17 +717,8 @@ bool llama_kv_cache::chelsea_run_pass(llama_context * lctx, uint32_t strm, uint3
                 ggml_view_2d(ctx, layer.k, layer.k->ne[0], n_out, layer.k->nb[1], strm*layer.k->nb[2])));
 
         if (vv) {
-            ggml_tensor * v = layer.v;
-            if (!v_trans) {
-                ggml_tensor * v_new = ggml_chelsea_merge(ctx, vv, plan, (int) n_remove, 1);
-                ggml_build_forward_expand(gf, ggml_cpy(ctx, v_new,
-                        ggml_view_2d(ctx, v, v->ne[0], n_out, v->nb[1], strm*v->nb[2])));
-            } else {
-                const size_t row = ggml_row_size(v->type, kv_size);
-                ggml_tensor * v_new = ggml_chelsea_merge(ctx, vv, plan, (int) n_remove, 0);
-                ggml_build_forward_expand(gf, ggml_cpy(ctx, v_new,
-                        ggml_view_2d(ctx, v, n_out, v->ne[0], row, strm*v->nb[2])));
-            }
+            ggml_tensor * v_new = ggml_chelsea_merge(ctx, vv, plan, (int) n_remove, v_trans ? 0 : 1);
+            ggml_build_forward_expand(gf, ggml_cpy(ctx, v_new, v_cells_view(ctx, layer.v, v_trans, kv_size, strm, n_out)));
         }
 
         // new sizes, and 1 for the cells freed at the end
