@@ -221,6 +221,7 @@ struct chelsea_kv_cluster_seq_stats {
     double    t_ms;
     llama_pos pos_merged_min;
     llama_pos pos_merged_max;
+    int64_t   nonfinite;
 };
 int32_t chelsea_kv_cluster_seq_stats_get(const struct llama_context * ctx, llama_seq_id seq_id,
                                          struct chelsea_kv_cluster_seq_stats * out);

@@ -70,6 +70,9 @@ def format_summary(llm: Llama, timings: Timings) -> str:
         lines.append(f"kv cluster : {cs['tokens']} tokens in {cs['cells']} cells ({cs['compression']:.2f}x, "
                      f"ratio {llm.kv_cluster_options.ratio:g}), {cs['passes']} passes in {cs['compressions']} "
                      f"compressions, {cs['time_ms']:.2f} ms clustering")
+        if cs["nonfinite"]:
+            lines.append(f"warning    : the KV cache holds NaN/Inf ({cs['nonfinite']} cell-head-layer slices found by "
+                         f"clustering): the model's output is not to be trusted")
     lines += [
         f"kv cache   : {kv.kv_mib:8.2f} MiB  (K {kv.type_k} {kv.k_bytes / MIB:.2f} MiB, "
         f"V {kv.type_v} {kv.v_bytes / MIB:.2f} MiB), {kv.n_cells} cells, {kv.n_cells_used} used, "

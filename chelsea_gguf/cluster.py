@@ -117,6 +117,7 @@ class ClusterStats:
     time_ms: float         # spent clustering
     pos_merged_min: int    # positions covered by merged cells (-1: none)
     pos_merged_max: int
+    nonfinite: int         # (cell, KV head, layer) slices holding NaN/Inf that compression passes found
 
     @property
     def compression(self) -> float:
@@ -134,7 +135,8 @@ def read_stats(ctx: Any, seq_id: int = 0) -> ClusterStats:
     if lib.chelsea_kv_cluster_seq_stats_get(ctx, seq_id, raw) != 0:
         raise RuntimeError("clustering is not enabled on this context")
     return ClusterStats(tokens=raw.tokens, cells=raw.cells, passes=raw.passes, compressions=raw.compressions,
-                        time_ms=raw.t_ms, pos_merged_min=raw.pos_merged_min, pos_merged_max=raw.pos_merged_max)
+                        time_ms=raw.t_ms, pos_merged_min=raw.pos_merged_min, pos_merged_max=raw.pos_merged_max,
+                        nonfinite=raw.nonfinite)
 
 
 def cell_positions(ctx: Any, seq_id: int = 0) -> list[int]:

@@ -575,7 +575,8 @@ class Llama:
 
     def kv_cluster_stats(self) -> dict[str, Any]:
         """Clustering of sequence 0: tokens represented, cells, passes, compressions, time_ms, compression
-        (tokens per cell) and the real KV allocation in MiB. Raises if clustering is off."""
+        (tokens per cell), nonfinite (cache slices holding NaN/Inf that compression found: the model's output
+        is broken) and the real KV allocation in MiB. Raises if clustering is off."""
         self._require_open()
         if self.kv_cluster_options is None:
             raise RuntimeError("kv_cluster is off for this Llama")

@@ -8,6 +8,9 @@ import numpy as np
 
 from chelsea_gguf._lib import ffi, lib
 
+NO_SCORE = -2.0   # GGML_CHELSEA_NO_SCORE: a B cell, or an A cell with nothing to compare to
+NONFINITE = -3.0  # GGML_CHELSEA_NONFINITE: a cell whose key or value slice holds NaN or Inf
+
 
 @dataclass
 class PassResult:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from chelsea_gguf._lib import lib
-from chelsea_reference import reference_match, reference_merge, reference_plan, run_native
+from chelsea_reference import NONFINITE, reference_match, reference_merge, reference_plan, run_native
 
 # (type, tolerance of a requantized centroid, relative to the largest magnitude in the data)
 KV_TYPES = {
@@ -107,10 +107,15 @@ def test_values_keep_alike_keys_with_different_values_apart() -> None:
     both = run_native(k, v, s, n_head=N_HEAD, c0=0, n_region=4, chunk=4, n_remove=1, match_values=True)
     assert np.all(keys.best[:, 1] == 0) and np.allclose(keys.score[:, 1], 0.95)
     assert np.all(both.best[:, 1] == 2) and np.allclose(both.score[:, 1], 1.0)
-    # a non-finite value compares to nothing, like a non-finite key
+    # a non-finite value marks its cell, like a non-finite key: an A cell ranks last, a B cell is never picked,
+    # and nothing finite is averaged with them
     v[1] = np.nan
+    k[2, 0::HEAD_DIM] = np.inf
     nan = run_native(k, v, s, n_head=N_HEAD, c0=0, n_region=4, chunk=4, n_remove=1, match_values=True)
-    assert np.all(nan.score[:, 1] == -2.0) and np.all(nan.score[:, 3] > -2.0)
+    assert np.all(nan.score[:, 1:3] == NONFINITE) and np.all(nan.best[:, 2] == -1)
+    assert np.all(nan.score[:, 0] == -2.0) and np.all(nan.score[:, 3] > -2.0) and np.all(nan.best[:, 3] == 0)
+    assert np.all(nan.dst[:, 3] == 0) and np.array_equal(nan.dst[:, :3], np.tile(np.arange(3), (N_HEAD, 1)))
+    assert np.all(np.isfinite(nan.k_out[0])) and np.all(np.isfinite(nan.v_out[0]))
 
 
 def test_untouched_cells_move_bit_exact_even_quantized() -> None:

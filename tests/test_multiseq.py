@@ -150,6 +150,61 @@ def test_copied_sequence_shares_merged_cells_and_never_merges_them(model, prompt
         c.close()
 
 
+def own_cells(c: Context, seq: int) -> list[int]:
+    return [i for i, pos in enumerate(cell_positions(c.ctx, seq)) if pos >= 0]
+
+
+def test_interleaved_sequences_in_one_unified_stream_cluster_as_if_alone(model, prompts, single_runs) -> None:
+    c = Context(model, 2 * 2048, 2, unified=True)
+    try:
+        # prompt batches alternate between the sequences, so their cells interleave in the one stream
+        for start in range(0, max(map(len, prompts)), N_BATCH):
+            for seq, tokens in enumerate(prompts):
+                if start < len(tokens):
+                    c.feed(seq, tokens[start:start + N_BATCH])
+        cells = [own_cells(c, seq) for seq in (0, 1)]
+        assert cells[0] != list(range(len(cells[0])))  # not packed from cell 0: the passes gather them
+        for seq in (0, 1):
+            assert c.compress(seq) > 0
+        cells = [own_cells(c, seq) for seq in (0, 1)]
+        assert not set(cells[0]) & set(cells[1])
+        for seq, (stats, continuation) in enumerate(single_runs):
+            got = c.stats(seq)
+            assert {k: got[k] for k in ("tokens", "cells", "passes")} == {k: stats[k] for k in ("tokens", "cells", "passes")}
+            # the sequence's cells, and no other's, hold its tokens, in every layer and head
+            for layer in (0, 15, 29):
+                for head in cluster_sizes(c.ctx, layer, 2 * 2048, seq_id=seq):
+                    assert sum(head[i] for i in cells[seq]) == got["tokens"]
+        for seq, (_, continuation) in enumerate(single_runs):
+            assert c.greedy(seq, 8) == continuation
+    finally:
+        c.close()
+
+
+def test_sequences_sharing_a_prefix_cluster_only_their_own_cells(model, prompts) -> None:
+    c = Context(model, 2048, 2, unified=True)
+    try:
+        c.feed(0, prompts[0])
+        c.compress(0)
+        c.copy_sequence(0, 1)
+        shared = c.stats(1)
+        c.feed(0, prompts[1][1:100])
+        before = c.stats(0)
+        positions = cell_positions(c.ctx, 0)
+        sizes = cluster_sizes(c.ctx, 0, 2048)
+        # sequence 1's own cells follow sequence 0's: it is gathered, the shared cells kept as they are
+        c.feed(1, prompts[1][1:])
+        assert c.compress(1) > 0
+        assert c.stats(0) == before and cell_positions(c.ctx, 0) == positions
+        assert [[s[i] for i in own_cells(c, 0)] for s in cluster_sizes(c.ctx, 0, 2048)] == \
+               [[s[i] for i in own_cells(c, 0)] for s in sizes]
+        after = c.stats(1)
+        own = len(prompts[1]) - 1
+        assert after["tokens"] == shared["tokens"] + own and after["cells"] < shared["cells"] + own
+    finally:
+        c.close()
+
+
 def test_copy_that_would_split_merged_cells_is_refused(model, prompts) -> None:
     c = Context(model, 2048, 2, unified=True)
     try:

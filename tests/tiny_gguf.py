@@ -246,8 +246,10 @@ def add_hparam(writer: gguf.GGUFWriter, key: str, value: HParam) -> None:
         writer.add_array(key, value)
 
 
-def write_gguf(path: Path, spec: TinySpec, seed: int = 0) -> Path:
-    """Write ``spec`` as a GGUF file (v3) at ``path``; return the path."""
+def write_gguf(path: Path, spec: TinySpec, seed: int = 0, nan_rows: dict[str, list[int]] | None = None) -> Path:
+    """Write ``spec`` as a GGUF file (v3) at ``path``; return the path. ``nan_rows`` sets rows (ggml ``ne1``
+    indices: a token's embedding in ``token_embd.weight``) of some tensors to NaN, for a model that writes NaN
+    into its KV cache."""
     writer = gguf.GGUFWriter(str(path), spec.arch)
     writer.add_name(f"tiny-{spec.arch}")
     for key, value in spec.hparams.items():
@@ -256,7 +258,9 @@ def write_gguf(path: Path, spec: TinySpec, seed: int = 0) -> Path:
     add_hparam(writer, f"{spec.arch}.vocab_size", N_VOCAB)
     rng = np.random.default_rng(seed)
     for name, shape in spec.tensors.items():
-        writer.add_tensor(name, tensor_values(name, shape, rng))
+        values = tensor_values(name, shape, rng)
+        values[(nan_rows or {}).get(name, [])] = np.nan
+        writer.add_tensor(name, values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

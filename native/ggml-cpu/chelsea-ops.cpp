@@ -61,7 +61,8 @@ void cell_slice_to_f32(const ggml_tensor * x, int cells_dim, int64_t cell, int64
 
 // Scales x to unit length, so that cosine similarity becomes a dot product. A zero vector is similar to
 // nothing (scale 0); non-finite values stay non-finite and never win a comparison (NaN compares false).
-void normalize(float * x, int64_t n) {
+// Returns whether x is finite (a finite f32 vector's squared norm cannot overflow a double).
+bool normalize(float * x, int64_t n) {
     ggml_float sum = 0.0;
     for (int64_t e = 0; e < n; ++e) {
         sum += (ggml_float) x[e]*x[e];
@@ -70,6 +71,7 @@ void normalize(float * x, int64_t n) {
     for (int64_t e = 0; e < n; ++e) {
         x[e] *= scale;
     }
+    return std::isfinite(sum);
 }
 
 } // namespace
@@ -94,6 +96,7 @@ void ggml_compute_forward_chelsea_match(const ggml_compute_params * params, ggml
 
     std::vector<float> rows((size_t) chunk*head_dim);
     std::vector<float> rows_v((size_t) chunk*head_dim_v);
+    std::vector<char>  finite((size_t) chunk);
 
     for (int64_t item = params->ith; item < n_head*n_chunks; item += params->nth) {
         const int64_t h     = item / n_chunks;
@@ -104,19 +107,20 @@ void ggml_compute_forward_chelsea_match(const ggml_compute_params * params, ggml
         for (int64_t i = 0; i < len; ++i) {
             float * x = rows.data() + i*head_dim;
             cell_slice_to_f32(k, 1, c0 + first + i, h*head_dim, head_dim, x);
-            normalize(x, head_dim);
+            finite[i] = normalize(x, head_dim);
             if (v) {
                 float * y = rows_v.data() + i*head_dim_v;
                 cell_slice_to_f32(v, v_dim, c0 + first + i, h*head_dim_v, head_dim_v, y);
-                normalize(y, head_dim_v);
+                finite[i] = normalize(y, head_dim_v) && finite[i];
             }
         }
 
         for (int64_t i = 0; i < len; ++i) {
             const int64_t o = h*n_region + first + i;
-            if (i % 2 == 0) {
-                out_score[o] = GGML_CHELSEA_NO_SCORE;
-                out_index[o] = -1.0f;
+            if (i % 2 == 0 || !finite[i]) {
+                // a non-finite A cell stays a candidate (each head must remove n_remove cells), ranked last
+                out_score[o] = finite[i] ? GGML_CHELSEA_NO_SCORE : GGML_CHELSEA_NONFINITE;
+                out_index[o] = i % 2 == 0 ? -1.0f : (float) (first + i - 1);
                 continue;
             }
             float   best   = GGML_CHELSEA_NO_SCORE;

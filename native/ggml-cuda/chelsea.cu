@@ -248,16 +248,19 @@ static __global__ void chelsea_match_best(
     const int first = (i / chunk)*chunk;
     const int len   = min(chunk, n_region - first);
 
-    if ((i - first) % 2 == 0) {
+    const float * a  = xn + ((int64_t) i*n_head + h)*head_dim;
+    const float * av = vn ? vn + ((int64_t) i*n_head + h)*head_dim_v : nullptr;
+
+    // a unit (or zero) slice is NaN somewhere exactly when the cell's was not finite: its self-product tells
+    const bool finite = !isnan(chelsea_dot_warp(a, a, head_dim)) && !(av && isnan(chelsea_dot_warp(av, av, head_dim_v)));
+    if ((i - first) % 2 == 0 || !finite) {
+        // a non-finite A cell stays a candidate (each head must remove n_remove cells), ranked last
         if (threadIdx.x == 0) {
-            out_score[o] = GGML_CHELSEA_NO_SCORE;
-            out_index[o] = -1.0f;
+            out_score[o] = finite ? GGML_CHELSEA_NO_SCORE : GGML_CHELSEA_NONFINITE;
+            out_index[o] = (i - first) % 2 == 0 ? -1.0f : (float) (i - 1);
         }
         return;
     }
-
-    const float * a  = xn + ((int64_t) i*n_head + h)*head_dim;
-    const float * av = vn ? vn + ((int64_t) i*n_head + h)*head_dim_v : nullptr;
 
     float best   = GGML_CHELSEA_NO_SCORE;
     int   best_j = i - 1;

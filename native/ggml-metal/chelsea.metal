@@ -11,6 +11,7 @@
 #include "quantize.h"
 
 #define CHELSEA_NO_SCORE (-2.0f) // GGML_CHELSEA_NO_SCORE
+#define CHELSEA_NONFINITE (-3.0f) // GGML_CHELSEA_NONFINITE
 
 // Keys and values are read in pieces of 16 elements (a float4x4), the way get_rows and mul_mm read them:
 // a row slice of type block_q holds head_dim/(16*nl) blocks, piece c is dequantize(x + c/nl, c%nl).
@@ -168,17 +169,21 @@ kernel void kernel_chelsea_match_best(
     const int first = (i/args.chunk)*args.chunk;
     const int len   = min(args.chunk, args.n_region - first);
 
-    if ((i - first) % 2 == 0) {
-        if (tiisg == 0) {
-            out_score[o] = CHELSEA_NO_SCORE;
-            out_index[o] = -1.0f;
-        }
-        return;
-    }
-
     const int dv = args.head_dim_v;
     device const float * a  = xn + ((int64_t) i*args.n_head + h)*args.head_dim;
     device const float * av = vn + ((int64_t) i*args.n_head + h)*dv;
+
+    // a unit (or zero) slice is NaN somewhere exactly when the cell's was not finite: its self-product tells
+    const bool finite = !isnan(chelsea_dot_simd(a, a, args.head_dim, tiisg)) &&
+                        !(dv > 0 && isnan(chelsea_dot_simd(av, av, dv, tiisg)));
+    if ((i - first) % 2 == 0 || !finite) {
+        // a non-finite A cell stays a candidate (each head must remove n_remove cells), ranked last
+        if (tiisg == 0) {
+            out_score[o] = finite ? CHELSEA_NO_SCORE : CHELSEA_NONFINITE;
+            out_index[o] = (i - first) % 2 == 0 ? -1.0f : (float) (i - 1);
+        }
+        return;
+    }
 
     float best   = CHELSEA_NO_SCORE;
     int   best_j = i - 1;

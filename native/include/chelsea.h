@@ -78,6 +78,8 @@ struct chelsea_kv_cluster_seq_stats {
     double    t_ms;       // wall time spent compressing it
     llama_pos pos_merged_min; // positions covered by merged cells, -1 if none
     llama_pos pos_merged_max;
+    int64_t   nonfinite;  // (cell, KV head, layer) slices with NaN/Inf keys or values that passes found: the
+                          // model produced them; they are merged last, never spread into a finite cell by choice
 };
 
 // Returns 0, or -1 if clustering is not enabled or seq_id is out of range.

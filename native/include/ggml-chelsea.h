@@ -18,14 +18,17 @@ extern "C" {
 
 // below any cosine similarity: "no candidate"
 #define GGML_CHELSEA_NO_SCORE (-2.0f)
+// below that: the cell's key or value slice holds NaN or Inf (counted by the caller, merged last if at all)
+#define GGML_CHELSEA_NONFINITE (-3.0f)
 
 // k: [n_embd, n_span], cells along ne1 (a strided view is fine), any type with a to_float.
 // The region [c0, c0 + n_region) is cut into chunks of `chunk` cells; inside a chunk, cells at odd offsets
 // (set A) pick the cell at an even offset (set B) whose key has the highest cosine similarity, per head
 // (head h owns elements [h*n_embd/n_head, (h+1)*n_embd/n_head) of a row).
 // result: f32 [n_region, n_head, 2]; [i, h, 0] = best score of A cell i (GGML_CHELSEA_NO_SCORE for B cells,
-//         and for A cells whose keys compare to nothing, e.g. NaN), [i, h, 1] = index of that B cell relative
-//         to c0 (-1 for B cells). All values are finite.
+//         and for A cells whose keys compare to nothing), or GGML_CHELSEA_NONFINITE for any cell, A or B, whose
+//         slice holds NaN or Inf; [i, h, 1] = index of that B cell relative to c0 (-1 for B cells). All values
+//         are finite.
 GGML_API struct ggml_tensor * ggml_chelsea_match(
         struct ggml_context * ctx,
         struct ggml_tensor  * k,
@@ -39,7 +42,7 @@ GGML_API struct ggml_tensor * ggml_chelsea_match(
 // cheap when either the keys (hence the weights p) or the values agree; tokens with alike keys but different
 // values (the digits of a number) are kept apart. v: [n_embd_v, n_span] (v_cells_dim = 1) or llama.cpp's
 // transposed [n_span, n_embd_v] (v_cells_dim = 0, F32/F16/BF16 only); head h owns elements
-// [h*n_embd_v/n_head, (h+1)*n_embd_v/n_head). A non-finite value, like a non-finite key, never wins.
+// [h*n_embd_v/n_head, (h+1)*n_embd_v/n_head). A non-finite value, like a non-finite key, marks the cell.
 GGML_API struct ggml_tensor * ggml_chelsea_match_kv(
         struct ggml_context * ctx,
         struct ggml_tensor  * k,

@@ -156,14 +156,96 @@ std::vector<float> draw_random_pairs(std::mt19937 & rng, int64_t n_head, int64_t
     return out;
 }
 
-// the first n cells of stream strm of a V cache: [n_embd_v, n], or [n, n_embd_v] when V is transposed (row c
-// holds channel c of every cell)
-ggml_tensor * v_cells_view(ggml_context * ctx, ggml_tensor * v, bool v_trans, uint32_t kv_size, uint32_t strm, uint32_t n) {
-    if (!v_trans) {
-        return ggml_view_2d(ctx, v, v->ne[0], n, v->nb[1], strm*v->nb[2]);
+// The cells a compression pass works on, in one stream of the cache's tensors: cells [0, n) in place when the
+// sequence is packed from cell 0, else the sequence's cells (chelsea_kv_state::pass_io::cells, by position),
+// gathered into a packed f32 span and scattered back. A tensor holds its cells along ne1 (K; V with flash
+// attention) or along ne0 in rows of kv_size elements (llama.cpp's transposed V: n_embd_v rows; cluster sizes:
+// n_head_kv rows).
+class pass_span {
+public:
+    pass_span(ggml_context * ctx, const std::vector<uint32_t> & cells, uint32_t kv_size, uint32_t strm)
+        : ctx(ctx), cells(cells), kv_size(kv_size), strm(strm) {}
+
+    // [ne0, n] of x, cells along ne1
+    ggml_tensor * rows(ggml_tensor * x, uint32_t n) {
+        if (cells.empty()) {
+            return ggml_view_2d(ctx, x, x->ne[0], n, x->nb[1], strm*x->nb[2]);
+        }
+        return ggml_get_rows(ctx, stream_rows(x), index(1, n));
     }
-    return ggml_view_2d(ctx, v, n, v->ne[0], ggml_row_size(v->type, kv_size), strm*v->nb[2]);
-}
+
+    // y ([ne0, n]) into the first n cells of x, cells along ne1
+    ggml_tensor * set_rows(ggml_tensor * x, ggml_tensor * y) {
+        const uint32_t n = y->ne[1];
+        if (cells.empty()) {
+            return ggml_cpy(ctx, y, ggml_view_2d(ctx, x, x->ne[0], n, x->nb[1], strm*x->nb[2]));
+        }
+        return ggml_set_rows(ctx, stream_rows(x), y, index(1, n));
+    }
+
+    // [n, n_rows] of x, cells along ne0
+    ggml_tensor * cols(ggml_tensor * x, int64_t n_rows, uint32_t n) {
+        if (cells.empty()) {
+            return ggml_view_2d(ctx, x, n, n_rows, ggml_row_size(x->type, kv_size), strm*x->nb[2]);
+        }
+        return ggml_reshape_2d(ctx, ggml_get_rows(ctx, stream_elements(x, n_rows), index(n_rows, n)), n, n_rows);
+    }
+
+    // y ([n, n_rows], contiguous) into the first n cells of x, cells along ne0
+    ggml_tensor * set_cols(ggml_tensor * x, ggml_tensor * y) {
+        const uint32_t n = y->ne[0];
+        const int64_t n_rows = y->ne[1];
+        if (cells.empty()) {
+            return ggml_cpy(ctx, y, ggml_view_2d(ctx, x, n, n_rows, ggml_row_size(x->type, kv_size), strm*x->nb[2]));
+        }
+        return ggml_set_rows(ctx, stream_elements(x, n_rows), ggml_reshape_2d(ctx, y, 1, n*n_rows), index(n_rows, n));
+    }
+
+    // the gather indices, once the graph is allocated
+    void set_inputs() const {
+        for (const auto & [key, t] : made) {
+            const auto [n_rows, n] = key;
+            std::vector<int32_t> idx((size_t) n_rows*n);
+            for (int64_t r = 0; r < n_rows; ++r) {
+                for (uint32_t c = 0; c < n; ++c) {
+                    idx[r*n + c] = (int32_t) (r*kv_size + cells[c]);
+                }
+            }
+            ggml_backend_tensor_set(t, idx.data(), 0, idx.size()*sizeof(int32_t));
+        }
+    }
+
+    // the indices are int32 (ggml_get_rows): the largest stream they can address
+    static bool fits(uint32_t kv_size, int64_t n_rows) {
+        return (int64_t) kv_size*n_rows <= std::numeric_limits<int32_t>::max();
+    }
+
+private:
+    ggml_tensor * stream_rows(ggml_tensor * x) const {
+        return ggml_view_2d(ctx, x, x->ne[0], kv_size, x->nb[1], strm*x->nb[2]);
+    }
+
+    // the stream as kv_size*n_rows rows of one element each
+    ggml_tensor * stream_elements(ggml_tensor * x, int64_t n_rows) const {
+        return ggml_view_2d(ctx, x, 1, kv_size*n_rows, ggml_type_size(x->type), strm*x->nb[2]);
+    }
+
+    // element (r, c) of the first n cells, row-major: cells[c] of row r; with n_rows 1, the cells
+    ggml_tensor * index(int64_t n_rows, uint32_t n) {
+        ggml_tensor *& t = made[{ n_rows, n }];
+        if (t == nullptr) {
+            t = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows*n);
+            ggml_set_input(t);
+        }
+        return t;
+    }
+
+    ggml_context * ctx;
+    const std::vector<uint32_t> & cells;
+    const uint32_t kv_size;
+    const uint32_t strm;
+    std::map<std::pair<int64_t, uint32_t>, ggml_tensor *> made;
+};
 
 // cells a sequence may be compressed to: its budget, never below what is protected
 uint32_t target_cells(const chelsea_kv_cluster_params & p, int64_t tokens) {
@@ -511,7 +593,7 @@ bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize)
             continue;
         }
         const uint32_t target = target_cells(p, n + seq.n_merged);
-        const uint32_t free   = cells.size() - cells.used_max_p1();
+        const uint32_t free   = cells.size() - cells.get_used(); // find_slot fills holes too
         // while a prompt is fed in chunks, merge only when the next chunk would not fit: later merges see
         // more of the prompt; once generating, keep the sequence within budget + interval. Only this
         // sequence's own tokens count, so that other sequences' batches leave it as it is
@@ -601,26 +683,48 @@ bool llama_kv_cache::chelsea_update(llama_context * lctx) {
         const uint32_t strm = seq_to_stream[sid];
         auto & cells = v_cells[strm];
 
-        // the layout passes rely on: this sequence alone, in cells [0, n), positions increasing
+        // the sequence's cells in position order. Cells it shares with other sequences (seq_cp in one stream)
+        // stand for all of them: they must come first, and are kept as they are, like the sinks
         const auto & seq_pos = cells.seq_pos_get(seq_id);
-        const uint32_t n0 = (uint32_t) seq_pos.size();
-        bool packed = cells.used_max_p1() == n0 && cells.get_used() == n0;
-        {
-            uint32_t i = 0;
-            for (const auto & [pos, cell] : seq_pos) {
-                packed = packed && cell == i++ && cells.seq_count(cell) == 1;
+        std::vector<uint32_t> idx;
+        idx.reserve(seq_pos.size());
+        uint32_t n_shared = 0;
+        bool shared_first = true;
+        for (const auto & [pos, cell] : seq_pos) {
+            if (cells.seq_count(cell) > 1) {
+                shared_first = shared_first && n_shared == idx.size();
+                n_shared++;
             }
+            idx.push_back(cell);
+        }
+        if (!shared_first) {
+            LLAMA_LOG_WARN("%s: seq %d: cells shared with other sequences follow cells of its own; not compressed\n", __func__, seq_id);
+            continue;
+        }
+        const uint32_t n0 = (uint32_t) idx.size();
+        // alone in its stream, in cells [0, n) by position: the passes work in place. Otherwise (other
+        // sequences' cells in between, holes) they gather the cells and scatter the survivors back
+        bool packed = cells.used_max_p1() == n0 && cells.get_used() == n0;
+        for (uint32_t i = 0; packed && i < n0; ++i) {
+            packed = idx[i] == i;
         }
         if (!packed) {
-            LLAMA_LOG_WARN("%s: seq %d: cells are shared or not packed in position order; not compressed\n", __func__, seq_id);
-            continue;
+            int64_t n_rows = 1;
+            for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
+                n_rows = std::max({ n_rows, st.sizes[ikv]->ne[1], v_trans && layers[ikv].v ? layers[ikv].v->ne[0] : 0 });
+            }
+            if (!pass_span::fits(get_size(), n_rows)) {
+                LLAMA_LOG_WARN("%s: seq %d: its cells are not packed from cell 0, and a stream of %u cells is too large "
+                        "to gather them; not compressed\n", __func__, seq_id, get_size());
+                continue;
+            }
         }
 
         uint32_t n = n0;
         const uint32_t target = target_cells(p, n + seq.n_merged);
+        const uint32_t c0 = std::max((uint32_t) p.n_sink, n_shared);
         int32_t passes = 0;
         while (n > target && passes < p.max_passes) {
-            const uint32_t c0 = (uint32_t) p.n_sink;
             if (n < c0 + (uint32_t) p.n_recent + 2) {
                 break;
             }
@@ -630,16 +734,23 @@ bool llama_kv_cache::chelsea_update(llama_context * lctx) {
             if (n_remove == 0) {
                 break;
             }
+            st.pass.cells = packed ? std::vector<uint32_t>() : idx;
             if (!chelsea_run_pass(lctx, strm, n, c0, n_region, n_remove)) {
                 LLAMA_LOG_ERROR("%s: seq %d: compression pass failed\n", __func__, seq_id);
                 break;
             }
+            if (st.pass.nonfinite > 0 && seq.nonfinite == 0) {
+                LLAMA_LOG_WARN("%s: seq %d: NaN or Inf in the keys or values of %lld (cell, KV head, layer) slices; "
+                        "they are merged last, but the model's output is likely broken already\n", __func__, seq_id,
+                        (long long) st.pass.nonfinite);
+            }
+            seq.nonfinite += st.pass.nonfinite;
 
             // cell metadata: the region keeps an increasing subsequence of its positions, the recent
             // cells move down unchanged
             std::vector<llama_pos> pos_old(n);
             for (uint32_t i = 0; i < n; ++i) {
-                pos_old[i] = cells.pos_get(i);
+                pos_old[i] = cells.pos_get(idx[i]);
             }
             const uint32_t n_kept = n_region - n_remove;
             if (seq.pos_merged_min < 0) {
@@ -647,22 +758,26 @@ bool llama_kv_cache::chelsea_update(llama_context * lctx) {
             }
             seq.pos_merged_max = std::max(seq.pos_merged_max, pos_old[c0 + n_region - 1]);
             for (uint32_t i = c0; i < n; ++i) {
-                cells.rm(i);
+                cells.rm(idx[i]);
             }
             for (uint32_t j = c0; j < n - n_remove; ++j) {
                 const uint32_t src = j < c0 + n_kept
                     ? c0 + (uint32_t) (((uint64_t) (j - c0)*n_region)/n_kept)
                     : j + n_remove;
-                cells.pos_set(j, pos_old[src]);
-                cells.seq_add(j, seq_id);
+                cells.pos_set(idx[j], pos_old[src]);
+                cells.seq_add(idx[j], seq_id);
             }
             n -= n_remove;
+            idx.resize(n);
             seq.n_merged += n_remove;
             st.any_merged = true;
             passes++;
             changed = true;
         }
-        v_heads[strm] = n;
+        st.pass.cells.clear();
+        if (packed) {
+            v_heads[strm] = n;
+        }
 
         seq.passes += passes;
         seq.compressions += passes > 0;
@@ -686,48 +801,56 @@ bool llama_kv_cache::chelsea_run_pass(llama_context * lctx, uint32_t strm, uint3
     ggml_context * ctx = res->get_ctx();
     ggml_cgraph  * gf  = res->get_gf();
 
-    const uint32_t kv_size = get_size();
-    const uint32_t n_out   = n - n_remove;
+    pass_span span(ctx, st.pass.cells, get_size(), strm);
 
     // random_pairs: drawn matches, set once the graph is allocated
     std::vector<std::pair<ggml_tensor *, std::vector<float>>> drawn;
+    // region slices the match ops marked non-finite, summed over layers
+    ggml_tensor * nonfinite = nullptr;
 
     for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
         const auto & layer = layers[ikv];
         ggml_tensor * s = st.sizes[ikv];
         const int64_t n_head_kv = s->ne[1];
 
-        ggml_tensor * k  = ggml_view_2d(ctx, layer.k, layer.k->ne[0], n, layer.k->nb[1], strm*layer.k->nb[2]);
-        ggml_tensor * vv = layer.v ? v_cells_view(ctx, layer.v, v_trans, kv_size, strm, n) : nullptr;
+        ggml_tensor * k  = span.rows(layer.k, n);
+        ggml_tensor * vv = nullptr;
+        if (layer.v) {
+            vv = v_trans ? span.cols(layer.v, layer.v->ne[0], n) : span.rows(layer.v, n);
+        }
         ggml_tensor * m  = nullptr;
         if (st.params.random_pairs) {
             m = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_region, n_head_kv, 2);
             ggml_set_input(m);
             drawn.emplace_back(m, draw_random_pairs(st.rng, n_head_kv, n_region, st.params.chunk));
-        } else if (st.params.match_values && vv) {
-            m = ggml_chelsea_match_kv(ctx, k, vv, v_trans ? 0 : 1, (int) n_head_kv, (int) c0, (int) n_region, st.params.chunk);
         } else {
-            m = ggml_chelsea_match(ctx, k, (int) n_head_kv, (int) c0, (int) n_region, st.params.chunk);
+            if (st.params.match_values && vv) {
+                m = ggml_chelsea_match_kv(ctx, k, vv, v_trans ? 0 : 1, (int) n_head_kv, (int) c0, (int) n_region, st.params.chunk);
+            } else {
+                m = ggml_chelsea_match(ctx, k, (int) n_head_kv, (int) c0, (int) n_region, st.params.chunk);
+            }
+            // step(-score - 2.5): 1 for GGML_CHELSEA_NONFINITE, 0 for every other score
+            ggml_tensor * scores = ggml_view_2d(ctx, m, n_region, n_head_kv, m->nb[1], 0);
+            ggml_tensor * marked = ggml_sum(ctx, ggml_step(ctx, ggml_scale_bias(ctx, scores, -1.0f,
+                    0.5f*(GGML_CHELSEA_NO_SCORE + GGML_CHELSEA_NONFINITE))));
+            nonfinite = nonfinite ? ggml_add(ctx, nonfinite, marked) : marked;
         }
-        ggml_tensor * sv = ggml_view_2d(ctx, s, n, n_head_kv, s->nb[1], strm*s->nb[2]);
-        ggml_tensor * plan = ggml_chelsea_plan(ctx, m, sv, (int) c0, (int) n_remove);
+        ggml_tensor * plan = ggml_chelsea_plan(ctx, m, span.cols(s, n_head_kv, n), (int) c0, (int) n_remove);
 
-        ggml_tensor * k_new = ggml_chelsea_merge(ctx, k, plan, (int) n_remove, 1);
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, k_new,
-                ggml_view_2d(ctx, layer.k, layer.k->ne[0], n_out, layer.k->nb[1], strm*layer.k->nb[2])));
-
+        ggml_build_forward_expand(gf, span.set_rows(layer.k, ggml_chelsea_merge(ctx, k, plan, (int) n_remove, 1)));
         if (vv) {
             ggml_tensor * v_new = ggml_chelsea_merge(ctx, vv, plan, (int) n_remove, v_trans ? 0 : 1);
-            ggml_build_forward_expand(gf, ggml_cpy(ctx, v_new, v_cells_view(ctx, layer.v, v_trans, kv_size, strm, n_out)));
+            ggml_build_forward_expand(gf, v_trans ? span.set_cols(layer.v, v_new) : span.set_rows(layer.v, v_new));
         }
 
         // new sizes, and 1 for the cells freed at the end
         ggml_tensor * sizes_new = ggml_view_2d(ctx, plan, n, n_head_kv, plan->nb[1], 2*plan->nb[2]);
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, sizes_new,
-                ggml_view_2d(ctx, s, n, n_head_kv, s->nb[1], strm*s->nb[2])));
-        ggml_tensor * ls = st.log_sizes[ikv];
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_log(ctx, sizes_new),
-                ggml_view_2d(ctx, ls, n, n_head_kv, ls->nb[1], strm*ls->nb[2])));
+        ggml_build_forward_expand(gf, span.set_cols(s, sizes_new));
+        ggml_build_forward_expand(gf, span.set_cols(st.log_sizes[ikv], ggml_log(ctx, sizes_new)));
+    }
+    if (nonfinite) {
+        ggml_set_output(nonfinite);
+        ggml_build_forward_expand(gf, nonfinite);
     }
 
     if (!ggml_backend_sched_alloc_graph(sched, gf)) {
@@ -737,10 +860,16 @@ bool llama_kv_cache::chelsea_run_pass(llama_context * lctx, uint32_t strm, uint3
     for (const auto & [m, data] : drawn) {
         ggml_backend_tensor_set(m, data.data(), 0, data.size()*sizeof(float));
     }
+    span.set_inputs();
     if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
         LLAMA_LOG_ERROR("%s: failed to compute the compression graph\n", __func__);
         return false;
     }
+    float n_nonfinite = 0.0f;
+    if (nonfinite) {
+        ggml_backend_tensor_get(nonfinite, &n_nonfinite, 0, sizeof(n_nonfinite));
+    }
+    st.pass.nonfinite = (int64_t) n_nonfinite;
     return true;
 }
 
@@ -822,6 +951,7 @@ int32_t chelsea_kv_cluster_seq_stats_get(const llama_context * ctx, llama_seq_id
     out->t_ms           = seq.t_ms;
     out->pos_merged_min = seq.pos_merged_min;
     out->pos_merged_max = seq.pos_merged_max;
+    out->nonfinite      = seq.nonfinite;
     return 0;
 }
 

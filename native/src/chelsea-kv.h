@@ -17,6 +17,7 @@ struct chelsea_seq_state {
     int32_t   passes         = 0;
     int32_t   compressions   = 0;
     double    t_ms           = 0.0;
+    int64_t   nonfinite      = 0;  // (cell, KV head, layer) slices with NaN/Inf keys or values that passes found
     bool      pending        = false; // compress at the next update()
     bool      forced         = false; // compress even if the interval is not reached
 };
@@ -36,6 +37,14 @@ struct chelsea_kv_state {
     bool any_merged = false; // some cell holds a centroid: attention needs the log-size bias
 
     std::mt19937 rng; // params.random_pairs: the pairs' draws, from params.seed at clear()
+
+    // the compression pass being run (llama_kv_cache::chelsea_update -> chelsea_run_pass)
+    struct pass_io {
+        // the sequence's cells in position order when they are not packed from cell 0 (other sequences' cells
+        // between them in a unified stream): the pass gathers them and scatters the survivors back; empty: packed
+        std::vector<uint32_t> cells;
+        int64_t nonfinite = 0; // out: region slices (cell, KV head, layer) whose keys or values are not finite
+    } pass;
 
     size_t sizes_bytes() const {
         size_t n = 0;
