@@ -1,9 +1,11 @@
 // chelsea-gguf: online KV-cache clustering inside llama_kv_cache (the Chelsea method, ../shared/CHELSEA.md).
 //
-// A sequence's cells stay packed in position order from cell 0: [sinks | mergeable region | recent].
-// A compression pass merges, per (layer, KV head), the best-matching A cells of each chunk of the region
-// into their B cells (size-weighted means of K and V), removes the same number of cells from every head,
-// and packs the survivors low, so the attended span n_kv shrinks with the cell count. Passes run as
+// A sequence's cells, in position order, are [sinks | mergeable region | recent]. A compression pass merges,
+// per (layer, KV head), the best-matching A cells of each chunk of the region into their B cells
+// (size-weighted means of K and V), removes the same number of cells from every head, and packs the
+// survivors into the sequence's first cells. A sequence alone in its stream stays packed from cell 0, so the
+// attended span n_kv shrinks with the cell count; one whose cells interleave with other sequences' (a unified
+// stream) is gathered into a packed span for the pass and scattered back. Passes run as
 // ggml graphs on the backend that holds the cache, from update(), where llama.cpp runs the K-shift.
 
 #include "chelsea-kv.h"
