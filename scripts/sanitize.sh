@@ -36,9 +36,10 @@ PY="$("$PY" -c 'import sys; print(sys.executable)')"
 SAN_FLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
 # the workload: the ops against the numpy reference (CPU runner of CHELSEA_MATCH/PLAN/MERGE over all KV types,
 # degenerate data), clustering end to end on the real model (cache hooks: compression in update(), seq_rm,
-# clear, state save/load, stats, the log(size) bias in attention), then the soak test (slow-marked: run on its
-# own, with CHELSEA_SOAK_STEPS decode steps, default 600 here: ~75 compressions under the sanitizers)
-TESTS=(tests/test_chelsea_ops.py tests/test_cluster.py)
+# clear, state save/load, stats, the log(size) bias in attention), several sequences (the gather/scatter passes
+# of a unified stream, seq_cp), NaN in the cache (a tiny generated model), then the soak test (slow-marked: run
+# on its own, with CHELSEA_SOAK_STEPS decode steps, default 600 here: ~75 compressions under the sanitizers)
+TESTS=(tests/test_chelsea_ops.py tests/test_cluster.py tests/test_multiseq.py tests/test_nonfinite.py)
 SOAK_STEPS="${CHELSEA_SOAK_STEPS:-600}"
 
 log() { echo "== sanitize: $*"; }
