@@ -31,7 +31,7 @@ class Method:
     bias: bool = True
     type_kv: str | None = None      # None: f16
     match_values: bool = True       # False: pair cells by keys alone (the paper's matching; ablation)
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # more Llama keywords (kv_cluster_recent=...)
 
     def llama_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {}
@@ -44,6 +44,7 @@ class Method:
                       kv_cluster_match_values=self.match_values)
         if self.kind == "random":
             kw.update(kv_cluster_random_pairs=True, kv_cluster_seed=RANDOM_SEED)
+        kw.update(self.extra)
         return kw
 
 
