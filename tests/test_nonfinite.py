@@ -13,6 +13,8 @@ import pytest
 
 import tiny_gguf
 from chelsea_gguf import Llama
+from chelsea_gguf.cli import format_summary
+from chelsea_gguf.llama import Timings
 
 POISON = 5        # the token whose embedding is NaN
 N_PROMPT = 400
@@ -53,9 +55,6 @@ def test_nan_in_the_cache_is_counted_only_when_there(nan_model: Path) -> None:
 
 
 def test_cli_warns_about_nan_in_the_cache(nan_model: Path) -> None:
-    from chelsea_gguf.cli import format_summary
-    from chelsea_gguf.llama import Timings
-
     with Llama(str(nan_model), n_ctx=512, n_threads=1, verbose=False, **OPTIONS) as llm:
         llm.eval(prompt(100))
         llm.kv_cluster_compress()
