@@ -100,9 +100,9 @@ def new_session(llm: Llama, method: Method, n_ctx: int) -> Session:
     if method.kind in ("streaming", "shift"):
         opts = default_options()
         cls = StreamingEviction if method.kind == "streaming" else ContextShift
-        # Chelsea's requested cells at this R (budget plus one prompt chunk), before llama.cpp pads the
-        # allocation to 256: Chelsea may fill the padding too, so this cap never favours the baseline
-        return Session(llm, cls(chelsea_cells(method.ratio, n_ctx), opts.sinks))
+        # the cells allocated: those Chelsea requests at this R (budget plus one prompt chunk), padded by
+        # llama.cpp as Chelsea's are, and Chelsea fills its buffer too before it merges
+        return Session(llm, cls(llm.n_cells(), opts.sinks))
     return Session(llm)
 
 

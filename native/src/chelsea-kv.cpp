@@ -601,7 +601,12 @@ bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize)
         // sequence's own tokens count, so that other sequences' batches leave it as it is
         const uint32_t n_next = lctx->chelsea_n_batch_tokens((llama_seq_id) s);
         const bool over_budget = decoding && n_next > 0 && n > (int64_t) target + p.interval;
-        seq.pending = n > target && (seq.forced || optimize || over_budget || free < n_next);
+        const bool no_room     = free < n_next;
+        seq.pending = n > target && (seq.forced || optimize || over_budget || no_room);
+        // a prompt chunk that does not fit merges only the room it lacks: the buffer is allocated anyway, and
+        // what stays exact now makes better merges later. The budget applies when generating (fewer cells to
+        // attend) and when asked
+        seq.keep = seq.pending && no_room && !seq.forced && !over_budget ? (uint32_t) n - std::min((uint32_t) n, n_next - free) : 0;
         any = any || seq.pending;
     }
     return any;
@@ -723,7 +728,8 @@ bool llama_kv_cache::chelsea_update(llama_context * lctx) {
         }
 
         uint32_t n = n0;
-        const uint32_t target = target_cells(p, n + seq.n_merged);
+        const uint32_t target = std::max(target_cells(p, n + seq.n_merged), seq.keep);
+        seq.keep = 0;
         const uint32_t c0 = std::max((uint32_t) p.n_sink, n_shared);
         int32_t passes = 0;
         while (n > target && passes < p.max_passes) {

@@ -18,6 +18,7 @@ struct chelsea_seq_state {
     int32_t   compressions   = 0;
     double    t_ms           = 0.0;
     int64_t   nonfinite      = 0;  // (cell, KV head, layer) slices with NaN/Inf keys or values that passes found
+    uint32_t  keep           = 0;     // that compression stops at this many cells (room for a prompt chunk); 0: budget
     bool      pending        = false; // compress at the next update()
     bool      forced         = false; // compress even if the interval is not reached
 };
