@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,25 @@ def test_physical_allocation_follows_the_ratio(model_path: Path) -> None:
         assert llm.n_ctx() == n_ctx and llm.n_cells() < n_ctx
         assert kv.buffer_bytes <= (ratio + headroom_cells / n_ctx) * full_bytes * 1.02
         assert kv.buffer_bytes <= 0.32 * full_bytes
+
+
+def test_prompt_chunks_merge_only_the_room_they_lack(model_path: Path) -> None:
+    """A prompt chunk that does not fit frees just the cells it lacks, so the allocated buffer keeps as many
+    tokens exact as it holds; the first generated token brings the cache down to budget."""
+    ratio, n_batch = 0.25, 256
+    with Llama(str(model_path), n_ctx=4096, n_batch=n_batch, verbose=False, kv_cluster=True,
+               kv_cluster_ratio=ratio) as llm:
+        tokens = llm.tokenize("Notes on the weather. " + FILLER * 140)
+        llm.eval(tokens)
+        fed = llm.kv_cluster_stats()
+        assert fed["tokens"] == len(tokens) > 2 * llm.n_cells()
+        assert fed["passes"] > 0
+        assert fed["cells"] > llm.n_cells() - n_batch
+        assert fed["cells"] > math.ceil(ratio * fed["tokens"]) + 256  # well above budget + interval
+        llm.eval(llm.tokenize(" It", add_bos=False))
+        generating = llm.kv_cluster_stats()
+        assert generating["tokens"] == fed["tokens"] + 1
+        assert generating["cells"] <= math.ceil(ratio * fed["tokens"]) + 1
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [

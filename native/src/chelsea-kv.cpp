@@ -605,8 +605,8 @@ bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize)
         seq.pending = n > target && (seq.forced || optimize || over_budget || no_room);
         // a prompt chunk that does not fit merges only the room it lacks: the buffer is allocated anyway, and
         // what stays exact now makes better merges later. The budget applies when generating (fewer cells to
-        // attend) and when asked
-        seq.keep = seq.pending && no_room && !seq.forced && !over_budget ? (uint32_t) n - std::min((uint32_t) n, n_next - free) : 0;
+        // attend), when asked, and when a batch found no slot (optimize: free all that can be freed)
+        seq.keep = seq.pending && no_room && !seq.forced && !optimize && !over_budget ? (uint32_t) n - std::min((uint32_t) n, n_next - free) : 0;
         any = any || seq.pending;
     }
     return any;
