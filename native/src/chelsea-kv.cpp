@@ -601,12 +601,12 @@ bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize)
         // sequence's own tokens count, so that other sequences' batches leave it as it is
         const uint32_t n_next = lctx->chelsea_n_batch_tokens((llama_seq_id) s);
         const bool over_budget = decoding && n_next > 0 && n > (int64_t) target + p.interval;
-        const bool no_room     = free < n_next;
-        seq.pending = n > target && (seq.forced || optimize || over_budget || no_room);
-        // a prompt chunk that does not fit merges only the room it lacks: the buffer is allocated anyway, and
-        // what stays exact now makes better merges later. The budget applies when generating (fewer cells to
-        // attend), when asked, and when a batch found no slot (optimize: free all that can be freed)
-        seq.keep = seq.pending && no_room && !seq.forced && !optimize && !over_budget ? (uint32_t) n - std::min((uint32_t) n, n_next - free) : 0;
+        // the budget applies when generating (fewer cells to attend), when asked, and when a batch found no slot
+        // (optimize: free all that can be freed). Otherwise a prompt chunk that does not fit merges only the room
+        // it lacks: the buffer is allocated anyway, and what stays exact now makes better merges later
+        const bool to_budget = seq.forced || optimize || over_budget;
+        seq.pending = n > target && (to_budget || free < n_next);
+        seq.keep    = seq.pending && !to_budget ? (uint32_t) n - std::min((uint32_t) n, n_next - free) : 0;
         any = any || seq.pending;
     }
     return any;
