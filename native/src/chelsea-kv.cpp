@@ -310,18 +310,36 @@ bool llama_kv_cache::chelsea_enable(const chelsea_kv_cluster_params & params, st
     st->seqs.resize(LLAMA_MAX_SEQ);
 
     // one ggml context per buffer type, on the buffer type of each layer's K: sizes live beside K/V
-    std::map<ggml_backend_buffer_type_t, ggml_context_ptr> ctx_map;
+    const auto layer_buft = [](const auto & layer) { return ggml_backend_buffer_get_type(layer.k->buffer); };
+    const uint32_t n_head_kv0 = layers.empty() ? 0 : hparams.n_head_kv(layers[0].il);
+    bool one_log_tensor = !layers.empty();
     for (const auto & layer : layers) {
-        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
+        one_log_tensor = one_log_tensor && layer_buft(layer) == layer_buft(layers[0]) && hparams.n_head_kv(layer.il) == n_head_kv0;
+    }
+    std::map<ggml_backend_buffer_type_t, ggml_context_ptr> ctx_map;
+    for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
+        const auto & layer = layers[ikv];
+        ggml_backend_buffer_type_t buft = layer_buft(layer);
         auto it = ctx_map.find(buft);
         if (it == ctx_map.end()) {
-            ggml_init_params ip = { size_t(2*layers.size() + 1)*ggml_tensor_overhead(), nullptr, true };
+            ggml_init_params ip = { size_t(2*layers.size() + 2)*ggml_tensor_overhead(), nullptr, true };
             it = ctx_map.emplace(buft, ggml_context_ptr(ggml_init(ip))).first;
         }
-        ggml_tensor * s = ggml_new_tensor_3d(it->second.get(), GGML_TYPE_F32, get_size(), hparams.n_head_kv(layer.il), n_stream);
+        ggml_context * ctx = it->second.get();
+        ggml_tensor * s = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, get_size(), hparams.n_head_kv(layer.il), n_stream);
         ggml_format_name(s, "chelsea_sizes_l%d", layer.il);
         st->sizes.push_back(s);
-        ggml_tensor * ls = ggml_dup_tensor(it->second.get(), s);
+        ggml_tensor * ls = nullptr;
+        if (one_log_tensor) {
+            if (!st->log_sizes_all) {
+                st->log_sizes_all = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, get_size(), n_head_kv0, n_stream, layers.size());
+                ggml_set_name(st->log_sizes_all, "chelsea_log_sizes");
+            }
+            const ggml_tensor * all = st->log_sizes_all;
+            ls = ggml_view_3d(ctx, st->log_sizes_all, all->ne[0], all->ne[1], all->ne[2], all->nb[1], all->nb[2], ikv*all->nb[3]);
+        } else {
+            ls = ggml_dup_tensor(ctx, s);
+        }
         ggml_format_name(ls, "chelsea_log_sizes_l%d", layer.il);
         st->log_sizes.push_back(ls);
     }
@@ -671,6 +689,17 @@ ggml_tensor * llama_kv_cache::chelsea_get_bias(ggml_context * ctx, int32_t il, u
     ggml_tensor * ls = st.log_sizes[map_layer_ids.at(il)];
     const uint32_t ns = sinfo.s1 - sinfo.s0 + 1;
     return ggml_view_4d(ctx, ls, n_kv, 1, 1, ls->ne[1]*ns, ls->nb[1], ls->nb[1], ls->nb[1], sinfo.s0*ls->nb[2]);
+}
+
+ggml_tensor * llama_kv_cache::chelsea_get_bias_all(ggml_context * ctx, int32_t il, uint32_t n_kv, int32_t & i_layer) const {
+    const auto & st = *chelsea;
+    if (!st.any_merged || !st.params.log_bias || !st.log_sizes_all || n_stream != 1) {
+        return nullptr;
+    }
+    // one stream: head h of layer i at h + n_head_kv*i, one stride apart (kv_size floats)
+    ggml_tensor * all = st.log_sizes_all;
+    i_layer = map_layer_ids.at(il);
+    return ggml_view_4d(ctx, all, n_kv, 1, 1, all->ne[1]*all->ne[3], all->nb[1], all->nb[1], all->nb[1], 0);
 }
 
 bool llama_kv_cache::chelsea_update(llama_context * lctx) {

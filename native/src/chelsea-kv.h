@@ -31,6 +31,9 @@ struct chelsea_kv_state {
     // log(sizes), kept beside them (updated where they change): the attention bias reads it directly, with no
     // per-layer, per-token log and copy
     std::vector<ggml_tensor *> log_sizes;
+    // when every layer's sizes share a buffer type and a head count: the log sizes above are views of this
+    // f32 [kv_size, n_head_kv, n_stream, n_layer], which a decoding graph adds to every layer's mask in one op
+    ggml_tensor * log_sizes_all = nullptr;
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
 
     std::vector<chelsea_seq_state> seqs; // LLAMA_MAX_SEQ entries
