@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -95,7 +95,13 @@ def prompts(model: Llama) -> list[list[int]]:
             model.tokenize(passkey_prompt(40, 0.5, seed=3).prompt)]
 
 
-def run_alone(model: Llama, prompts: list[list[int]], flash_attn: bool = True) -> list[tuple[dict[str, Any], list[int]]]:
+class SingleRun(NamedTuple):
+    stats: dict[str, Any]
+    continuation: list[int]
+    last_logits: np.ndarray  # after the continuation's last token
+
+
+def run_alone(model: Llama, prompts: list[list[int]], flash_attn: bool = True) -> list[SingleRun]:
     """Each prompt alone in a one-sequence context: compressed, then 8 greedy tokens."""
     runs = []
     for tokens in prompts:
@@ -103,14 +109,15 @@ def run_alone(model: Llama, prompts: list[list[int]], flash_attn: bool = True) -
         try:
             c.feed(0, tokens)
             c.compress(0)
-            runs.append((c.stats(0), c.greedy(0, 8)))
+            stats = c.stats(0)
+            runs.append(SingleRun(stats, c.greedy(0, 8), c.last_logits[0]))
         finally:
             c.close()
     return runs
 
 
 @pytest.fixture(scope="module")
-def single_runs(model: Llama, prompts: list[list[int]]) -> list[tuple[dict[str, Any], list[int]]]:
+def single_runs(model: Llama, prompts: list[list[int]]) -> list[SingleRun]:
     return run_alone(model, prompts)
 
 
@@ -121,10 +128,13 @@ def test_per_sequence_streams_cluster_each_sequence_alone(model, prompts, single
             c.feed(seq, tokens)
         for seq in (0, 1):
             c.compress(seq)
-        for seq, (stats, continuation) in enumerate(single_runs):
+        for seq, (stats, continuation, last_logits) in enumerate(single_runs):
             got = c.stats(seq)
             assert {k: got[k] for k in ("tokens", "cells", "passes")} == {k: stats[k] for k in ("tokens", "cells", "passes")}
             assert c.greedy(seq, 8) == continuation
+            # with several streams each layer adds its own bias to its mask; alone, one add makes every layer's
+            # mask: the same cells and sizes must give the same logits
+            assert np.array_equal(c.last_logits[seq], last_logits)
     finally:
         c.close()
 
@@ -188,7 +198,7 @@ def test_interleaved_sequences_in_one_unified_stream_cluster_as_if_alone(model, 
         assert c.compress(1) > 0
         cells = [own_cells(c, seq) for seq in (0, 1)]
         assert not set(cells[0]) & set(cells[1])
-        for seq, (stats, continuation) in enumerate(single_runs):
+        for seq, (stats, _, _) in enumerate(single_runs):
             got = c.stats(seq)
             assert {k: got[k] for k in ("tokens", "cells", "passes")} == {k: stats[k] for k in ("tokens", "cells", "passes")}
             # the sequence's cells, and no other's, hold its tokens, in every layer and head
@@ -197,7 +207,7 @@ def test_interleaved_sequences_in_one_unified_stream_cluster_as_if_alone(model, 
                     assert sum(head[i] for i in cells[seq]) == got["tokens"]
         # llama.cpp's own attention kernels round differently when a sequence's cells lie elsewhere in the
         # stream (without clustering too): with transposed V the continuations may part after a few tokens
-        for seq, (_, continuation) in enumerate(single_runs):
+        for seq, (_, continuation, _) in enumerate(single_runs):
             if flash_attn:
                 assert c.greedy(seq, 8) == continuation
     finally:
