@@ -195,6 +195,7 @@ struct chelsea_kv_stats {
 };
 int32_t chelsea_kv_stats_get(const struct llama_context * ctx, struct chelsea_kv_stats * out);
 int64_t chelsea_kv_seq_tokens(const struct llama_context * ctx, llama_seq_id seq_id);
+uint64_t chelsea_compute_buffer_bytes(const struct llama_context * ctx);
 
 struct chelsea_kv_cluster_params {
     float   ratio;

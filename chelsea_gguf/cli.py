@@ -77,6 +77,7 @@ def format_summary(llm: Llama, timings: Timings) -> str:
         f"kv cache   : {kv.kv_mib:8.2f} MiB  (K {kv.type_k} {kv.k_bytes / MIB:.2f} MiB, "
         f"V {kv.type_v} {kv.v_bytes / MIB:.2f} MiB), {kv.n_cells} cells, {kv.n_cells_used} used, "
         f"{kv.tokens} tokens",
+        f"compute    : {kv.compute_mib:8.2f} MiB  (activations, attention masks, a batch's logits)",
         f"prompt eval: {timings.prompt_ms:10.2f} ms / {timings.prompt_tokens:5d} tokens "
         f"({timings.prompt_tok_per_s:8.2f} tokens per second)",
         f"eval       : {timings.generation_ms:10.2f} ms / {timings.generated_tokens:5d} tokens "

@@ -27,14 +27,20 @@ class KVStats:
     buffer_bytes: int   # backend buffer bytes for K and V: the real allocation
     type_k: str
     type_v: str
+    compute_bytes: int  # the context's compute buffers as allocated now (activations, masks, a batch's logits)
 
     @property
     def kv_mib(self) -> float:
         return self.buffer_bytes / MIB
 
+    @property
+    def compute_mib(self) -> float:
+        return self.compute_bytes / MIB
+
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["kv_mib"] = self.kv_mib
+        d["compute_mib"] = self.compute_mib
         return d
 
 
@@ -48,4 +54,5 @@ def read_kv_stats(ctx: object, seq_id: int = 0) -> KVStats:
         n_cells=raw.n_cells, n_cells_used=raw.n_cells_used, n_cells_span=raw.n_cells_span,
         tokens=max(tokens, 0), k_bytes=raw.k_bytes, v_bytes=raw.v_bytes, buffer_bytes=raw.buffer_bytes,
         type_k=KV_TYPE_NAMES.get(raw.type_k, str(raw.type_k)),
-        type_v=KV_TYPE_NAMES.get(raw.type_v, str(raw.type_v)))
+        type_v=KV_TYPE_NAMES.get(raw.type_v, str(raw.type_v)),
+        compute_bytes=int(lib.chelsea_compute_buffer_bytes(ctx)))

@@ -23,6 +23,7 @@ def test_one_shot_prompt_reports_speed_and_kv(model_path: Path) -> None:
     assert proc.stdout.startswith("The capital of France is")
     assert "Paris" in proc.stdout
     assert re.search(r"kv cache\s*:\s*[\d.]+ MiB", proc.stderr)
+    assert re.search(r"compute\s*:\s*[\d.]+ MiB", proc.stderr)
     assert re.search(r"prompt eval:.*tokens per second", proc.stderr)
     assert re.search(r"eval\s*:.*/\s+1[12] tokens", proc.stderr)
     assert "n_ctx 1024" in proc.stderr

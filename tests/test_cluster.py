@@ -119,6 +119,21 @@ def test_physical_allocation_follows_the_ratio(model_path: Path) -> None:
         assert kv.buffer_bytes <= 0.32 * full_bytes
 
 
+def test_compute_buffers_are_sized_when_clustering_is_switched_on(model_path: Path) -> None:
+    """Merged cells make attention add per-head log(size) masks; switching clustering on reserves the compute
+    buffers for them, so a run that merges allocates nothing more (before, this run grew them by ~30 MiB)."""
+    options = dict(n_ctx=4096, n_batch=2048, n_ubatch=2048, verbose=False, flash_attn=True, kv_cluster=True,
+                   kv_cluster_ratio=0.5)
+    with Llama(str(model_path), **options, kv_cluster_bias=False) as no_bias:
+        without_masks = no_bias.kv_stats().compute_bytes
+    with Llama(str(model_path), **options) as llm:
+        reserved = llm.kv_stats().compute_bytes
+        tokens = llm.tokenize("Notes on the weather. " + FILLER * 200)[:3500]
+        list(llm.generate_tokens(tokens, SamplingParams(temperature=0.0), 4))
+        assert llm.kv_cluster_stats()["passes"] > 0
+        assert llm.kv_stats().compute_bytes == reserved > without_masks
+
+
 def test_prompt_chunks_merge_only_the_room_they_lack(model_path: Path) -> None:
     """A prompt chunk that does not fit frees just the cells it lacks, so the allocated buffer keeps as many
     tokens exact as it holds; the first generated token brings the cache down to budget."""

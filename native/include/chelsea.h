@@ -30,6 +30,10 @@ struct chelsea_kv_stats {
 // Fills *out. Returns 0 on success, -1 if ctx or out is NULL.
 LLAMA_API int32_t chelsea_kv_stats_get(const struct llama_context * ctx, struct chelsea_kv_stats * out);
 
+// Bytes of the compute buffers the context holds now (activations, attention masks, a batch's logits), summed
+// over backends: with the KV cache and the model's weights, what a context allocates. Returns 0 for a NULL ctx.
+LLAMA_API uint64_t chelsea_compute_buffer_bytes(const struct llama_context * ctx);
+
 // Tokens that sequence seq_id's cells represent in the cache of full-attention layers
 // (one per cell without clustering). Returns -1 for an invalid seq_id or a context without a KV cache.
 LLAMA_API int64_t chelsea_kv_seq_tokens(const struct llama_context * ctx, llama_seq_id seq_id);

@@ -590,6 +590,11 @@ bool llama_kv_cache::chelsea_pending() const {
 // a batch this small is a generation step (or a few speculative tokens), not a prompt chunk
 static constexpr uint32_t CHELSEA_DECODE_MAX_TOKENS = 8;
 
+void llama_context::chelsea_reserve() {
+    sched_need_reserve = true;
+    sched_reserve();
+}
+
 uint32_t llama_context::chelsea_n_batch_tokens(llama_seq_id seq_id) const {
     if (!balloc || seq_id < 0) {
         return balloc ? balloc->get_n_tokens() : 0;
@@ -682,7 +687,7 @@ bool llama_kv_cache::chelsea_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
 
 ggml_tensor * llama_kv_cache::chelsea_get_bias(ggml_context * ctx, int32_t il, uint32_t n_kv, const slot_info & sinfo) const {
     const auto & st = *chelsea;
-    if (!st.any_merged || !st.params.log_bias) {
+    if (!(st.any_merged || st.reserving) || !st.params.log_bias) {
         return nullptr;
     }
     // [n_kv, 1, 1, n_head_kv*n_stream]: head h of stream s at h + n_head_kv*s, one stride apart (kv_size floats)
@@ -693,7 +698,7 @@ ggml_tensor * llama_kv_cache::chelsea_get_bias(ggml_context * ctx, int32_t il, u
 
 ggml_tensor * llama_kv_cache::chelsea_get_bias_all(ggml_context * ctx, int32_t il, uint32_t n_kv, int32_t & i_layer) const {
     const auto & st = *chelsea;
-    if (!st.any_merged || !st.params.log_bias || !st.log_sizes_all || n_stream != 1) {
+    if (!(st.any_merged || st.reserving) || !st.params.log_bias || !st.log_sizes_all || n_stream != 1) {
         return nullptr;
     }
     // one stream: head h of layer i at h + n_head_kv*i, one stride apart (kv_size floats)
@@ -957,6 +962,19 @@ int32_t chelsea_kv_cluster_enable(llama_context * ctx, const chelsea_kv_cluster_
     if (!kv->chelsea_enable(*params, msg)) {
         set_error(err, err_len, msg);
         return -1;
+    }
+    if (params->log_bias) {
+        // merged cells make attention add a per-head mask, which the reserve at context creation did not see:
+        // size the compute buffers for it now rather than growing them at the first merge
+        kv->chelsea->reserving = true;
+        try {
+            ctx->chelsea_reserve();
+        } catch (const std::exception & e) {
+            kv->chelsea->reserving = false;
+            set_error(err, err_len, std::string("clustering is on, but its compute buffers could not be reserved: ") + e.what());
+            return -1;
+        }
+        kv->chelsea->reserving = false;
     }
     return 0;
 }

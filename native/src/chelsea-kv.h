@@ -39,6 +39,7 @@ struct chelsea_kv_state {
     std::vector<chelsea_seq_state> seqs; // LLAMA_MAX_SEQ entries
 
     bool any_merged = false; // some cell holds a centroid: attention needs the log-size bias
+    bool reserving  = false; // the compute buffers are being sized: attention graphs carry the bias as if merged
 
     std::mt19937 rng; // params.random_pairs: the pairs' draws, from params.seed at clear()
 

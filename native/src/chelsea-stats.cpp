@@ -1,8 +1,9 @@
-// KV-cache statistics for chelsea_kv_stats_get / chelsea_kv_seq_tokens.
+// KV-cache statistics for chelsea_kv_stats_get / chelsea_kv_seq_tokens, and the compute buffers beside them.
 
 #include "chelsea.h"
 #include "chelsea-kv.h"
 
+#include "llama-context.h"
 #include "llama-kv-cache.h"
 #include "llama-kv-cache-iswa.h"
 #include "llama-memory-hybrid.h"
@@ -76,4 +77,16 @@ int64_t chelsea_kv_seq_tokens(const llama_context * ctx, llama_seq_id seq_id) {
     }
     const int64_t cells = (int64_t) caches[0]->get_cells(seq_id).seq_pos_get(seq_id).size();
     return cells + (caches[0]->chelsea ? caches[0]->chelsea->seqs[seq_id].n_merged : 0);
+}
+
+uint64_t chelsea_compute_buffer_bytes(const llama_context * ctx) {
+    if (ctx == nullptr) {
+        return 0;
+    }
+    ggml_backend_sched_t sched = ctx->get_sched();
+    uint64_t n = 0;
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(sched); ++i) {
+        n += ggml_backend_sched_get_buffer_size(sched, ggml_backend_sched_get_backend(sched, i));
+    }
+    return n;
 }
