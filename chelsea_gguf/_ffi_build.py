@@ -58,6 +58,7 @@ struct llama_context_params {
     bool no_perf;
     bool swa_full;
     bool kv_unified;
+    uint32_t n_outputs_max;
     ...;
 };
 

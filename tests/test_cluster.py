@@ -10,9 +10,11 @@ import pytest
 
 from chelsea_gguf import Llama
 from chelsea_gguf._lib import ffi, lib
-from chelsea_gguf.cluster import cell_positions, cluster_sizes
+from chelsea_gguf.cluster import ClusterOptions, cell_positions, cluster_sizes
 from chelsea_gguf.passkey import FILLER, passkey_prompt
 from chelsea_gguf.sampling import SamplingParams
+
+from native_context import NativeContext
 
 PROMPT = "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is"
 
@@ -121,17 +123,22 @@ def test_physical_allocation_follows_the_ratio(model_path: Path) -> None:
 
 def test_compute_buffers_are_sized_when_clustering_is_switched_on(model_path: Path) -> None:
     """Merged cells make attention add per-head log(size) masks; switching clustering on reserves the compute
-    buffers for them, so a run that merges allocates nothing more (before, this run grew them by ~30 MiB)."""
-    options = dict(n_ctx=4096, n_batch=2048, n_ubatch=2048, verbose=False, flash_attn=True, kv_cluster=True,
-                   kv_cluster_ratio=0.5)
-    with Llama(str(model_path), **options, kv_cluster_bias=False) as no_bias:
-        without_masks = no_bias.kv_stats().compute_bytes
-    with Llama(str(model_path), **options) as llm:
-        reserved = llm.kv_stats().compute_bytes
-        tokens = llm.tokenize("Notes on the weather. " + FILLER * 200)[:3500]
-        list(llm.generate_tokens(tokens, SamplingParams(temperature=0.0), 4))
-        assert llm.kv_cluster_stats()["passes"] > 0
-        assert llm.kv_stats().compute_bytes == reserved > without_masks
+    buffers for them, so a run that merges allocates nothing more. Logits for one token per batch
+    (n_outputs_max = 1) leave the buffers little else to hold, so the masks cannot hide in their slack."""
+    with Llama(str(model_path), n_ctx=256, verbose=False) as model:
+        tokens = model.tokenize("Notes on the weather. " + FILLER * 200)[:3000]
+        reserved = {}
+        for bias in (False, True):
+            c = NativeContext(model, 2048, 1, True, options=ClusterOptions(ratio=0.5, bias=bias), n_outputs_max=1)
+            try:
+                reserved[bias] = lib.chelsea_compute_buffer_bytes(c.ctx)
+                if bias:
+                    c.feed(0, tokens)
+                    assert c.stats(0)["passes"] > 0
+                    assert lib.chelsea_compute_buffer_bytes(c.ctx) == reserved[bias]
+            finally:
+                c.close()
+        assert reserved[True] > reserved[False]
 
 
 def test_prompt_chunks_merge_only_the_room_they_lack(model_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Clustering with several sequences in one context, and the cache operations that move cells between them.
 
-chelsea_gguf.Llama drives sequence 0 only, so these tests build their contexts on its model with the C API.
+chelsea_gguf.Llama drives sequence 0 only, so these tests build their contexts on its model with the C API
+(tests/native_context.py).
 """
 
 from __future__ import annotations
@@ -14,73 +15,10 @@ import pytest
 
 from chelsea_gguf import Llama
 from chelsea_gguf._lib import ffi, lib
-from chelsea_gguf.cluster import ClusterOptions, cell_positions, cluster_sizes, enable, read_stats
+from chelsea_gguf.cluster import cell_positions, cluster_sizes
 from chelsea_gguf.passkey import FILLER, passkey_prompt
 
-OPTIONS = ClusterOptions(ratio=0.25)
-N_BATCH = 512
-
-
-class Context:
-    """A llama_context with n_seq_max sequences on a loaded model, clustered, fed token by token list."""
-
-    def __init__(self, llm: Llama, n_ctx: int, n_seq_max: int, unified: bool, flash_attn: bool = True) -> None:
-        params = lib.llama_context_default_params()
-        if not flash_attn:
-            params.flash_attn_type = lib.LLAMA_FLASH_ATTN_TYPE_DISABLED  # V is stored transposed
-        params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = N_BATCH
-        params.n_seq_max = n_seq_max
-        params.kv_unified = unified
-        params.n_threads = params.n_threads_batch = 2
-        self.ctx = lib.llama_init_from_model(llm._model, params)
-        assert self.ctx != ffi.NULL
-        enable(self.ctx, OPTIONS)
-        self.mem = lib.llama_get_memory(self.ctx)
-        self.batch = lib.llama_batch_init(N_BATCH, 0, n_seq_max)
-        self.n_vocab = llm.n_vocab()
-        self.next_pos: dict[int, int] = {}
-        self.last_logits: dict[int, np.ndarray] = {}  # of each sequence's last fed token
-
-    def close(self) -> None:
-        lib.llama_batch_free(self.batch)
-        lib.llama_free(self.ctx)
-
-    def feed(self, seq: int, tokens: list[int]) -> None:
-        for start in range(0, len(tokens), N_BATCH):
-            chunk = tokens[start:start + N_BATCH]
-            pos = self.next_pos.get(seq, 0)
-            for i, tok in enumerate(chunk):
-                self.batch.token[i] = tok
-                self.batch.pos[i] = pos + i
-                self.batch.n_seq_id[i] = 1
-                self.batch.seq_id[i][0] = seq
-                self.batch.logits[i] = i == len(chunk) - 1
-            self.batch.n_tokens = len(chunk)
-            assert lib.llama_decode(self.ctx, self.batch) == 0
-            self.next_pos[seq] = pos + len(chunk)
-        self.last_logits[seq] = np.frombuffer(
-            ffi.buffer(lib.llama_get_logits_ith(self.ctx, -1), 4 * self.n_vocab), dtype=np.float32).copy()
-
-    def copy_sequence(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
-        lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
-        if lib.llama_memory_seq_pos_max(self.mem, dst) >= 0:
-            self.next_pos[dst] = self.next_pos[src]
-            self.last_logits[dst] = self.last_logits[src]
-
-    def greedy(self, seq: int, n: int) -> list[int]:
-        """n greedy tokens continuing seq."""
-        out = []
-        for _ in range(n):
-            out.append(int(np.argmax(self.last_logits[seq])))
-            self.feed(seq, out[-1:])
-        return out
-
-    def compress(self, seq: int) -> int:
-        return int(lib.chelsea_kv_cluster_compress(self.ctx, seq))
-
-    def stats(self, seq: int) -> dict[str, Any]:
-        return read_stats(self.ctx, seq).as_dict()
+from native_context import N_BATCH, NativeContext
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +43,7 @@ def run_alone(model: Llama, prompts: list[list[int]], flash_attn: bool = True) -
     """Each prompt alone in a one-sequence context: compressed, then 8 greedy tokens."""
     runs = []
     for tokens in prompts:
-        c = Context(model, 2048, 1, True, flash_attn)
+        c = NativeContext(model, 2048, 1, True, flash_attn)
         try:
             c.feed(0, tokens)
             c.compress(0)
@@ -122,7 +60,7 @@ def single_runs(model: Llama, prompts: list[list[int]]) -> list[SingleRun]:
 
 
 def test_per_sequence_streams_cluster_each_sequence_alone(model, prompts, single_runs) -> None:
-    c = Context(model, 2 * 2048, 2, unified=False)
+    c = NativeContext(model, 2 * 2048, 2, unified=False)
     try:
         for seq, tokens in enumerate(prompts):
             c.feed(seq, tokens)
@@ -140,7 +78,7 @@ def test_per_sequence_streams_cluster_each_sequence_alone(model, prompts, single
 
 
 def test_copied_sequence_shares_merged_cells_and_never_merges_them(model, prompts, single_runs) -> None:
-    c = Context(model, 2048, 2, unified=True)
+    c = NativeContext(model, 2048, 2, unified=True)
     try:
         c.feed(0, prompts[0])
         c.compress(0)
@@ -166,7 +104,7 @@ def test_copied_sequence_shares_merged_cells_and_never_merges_them(model, prompt
         c.close()
 
 
-def seq_state(c: Context, seq: int) -> bytes:
+def seq_state(c: NativeContext, seq: int) -> bytes:
     """llama_state_seq_get_data of one sequence: its K, V, cluster sizes and merge bookkeeping."""
     n = lib.llama_state_seq_get_size(c.ctx, seq)
     buf = ffi.new("uint8_t[]", n)
@@ -174,7 +112,7 @@ def seq_state(c: Context, seq: int) -> bytes:
     return bytes(ffi.buffer(buf, n))
 
 
-def own_cells(c: Context, seq: int) -> list[int]:
+def own_cells(c: NativeContext, seq: int) -> list[int]:
     return [i for i, pos in enumerate(cell_positions(c.ctx, seq)) if pos >= 0]
 
 
@@ -182,7 +120,7 @@ def own_cells(c: Context, seq: int) -> list[int]:
 def test_interleaved_sequences_in_one_unified_stream_cluster_as_if_alone(model, prompts, single_runs, flash_attn) -> None:
     if not flash_attn:
         single_runs = run_alone(model, prompts, flash_attn=False)
-    c = Context(model, 2 * 2048, 2, unified=True, flash_attn=flash_attn)
+    c = NativeContext(model, 2 * 2048, 2, unified=True, flash_attn=flash_attn)
     try:
         # prompt batches alternate between the sequences, so their cells interleave in the one stream
         for start in range(0, max(map(len, prompts)), N_BATCH):
@@ -215,7 +153,7 @@ def test_interleaved_sequences_in_one_unified_stream_cluster_as_if_alone(model, 
 
 
 def test_sequences_sharing_a_prefix_cluster_only_their_own_cells(model, prompts) -> None:
-    c = Context(model, 2048, 2, unified=True)
+    c = NativeContext(model, 2048, 2, unified=True)
     try:
         c.feed(0, prompts[0])
         c.compress(0)
@@ -239,7 +177,7 @@ def test_sequences_sharing_a_prefix_cluster_only_their_own_cells(model, prompts)
 
 
 def test_copy_that_would_split_merged_cells_is_refused(model, prompts) -> None:
-    c = Context(model, 2048, 2, unified=True)
+    c = NativeContext(model, 2048, 2, unified=True)
     try:
         c.feed(0, prompts[0])
         c.compress(0)
@@ -253,7 +191,7 @@ def test_copy_that_would_split_merged_cells_is_refused(model, prompts) -> None:
 
 
 def test_cross_stream_copy_carries_cluster_sizes(model, prompts, single_runs) -> None:
-    c = Context(model, 2 * 2048, 2, unified=False)
+    c = NativeContext(model, 2 * 2048, 2, unified=False)
     try:
         c.feed(0, prompts[0])
         c.compress(0)
@@ -268,7 +206,7 @@ def test_cross_stream_copy_carries_cluster_sizes(model, prompts, single_runs) ->
 
 
 def test_inexact_position_moves_are_refused(model, prompts) -> None:
-    c = Context(model, 2048, 1, unified=True)
+    c = NativeContext(model, 2048, 1, unified=True)
     try:
         c.feed(0, prompts[0])
         c.compress(0)
