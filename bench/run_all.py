@@ -24,8 +24,9 @@ STAGES: dict[str, list[str]] = {
     "tasks": ["quality_tasks.py"],
     "speed": ["decode_bench.py"],
     "gemma": ["decode_bench.py", "--model", "gemma"],
+    "memory": ["memory_bench.py"],
 }
-QUICK_STAGES = ("kld", "tasks", "speed")   # the Gemma plan has no quick variant: speed --quick covers the code
+QUICK_STAGES = ("kld", "tasks", "speed", "memory")   # the Gemma plan has no quick variant: speed --quick covers the code
 
 
 def main() -> int:

@@ -19,6 +19,7 @@ from chelsea_gguf.baselines import ContextShift, Session, StreamingEviction, log
 from chelsea_gguf.passkey import FILLER
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import memory_bench  # noqa: E402
 import ruler  # noqa: E402
 
 
@@ -82,3 +83,15 @@ def test_ruler_tasks_are_seeded_and_scorable(name: str) -> None:
     assert a.score(" nothing") == 0.0
     for ans in a.answers:
         assert ans in a.prompt
+
+
+def test_memory_bench_reads_kv_and_compute_buffers() -> None:
+    model = next(iter(memory_bench.MODELS))
+    rows = [memory_bench.measure(model, 8192, m, flash_attn=True)
+            for m in (memory_bench.FULL, memory_bench.chelsea(0.2))]
+    memory_bench.add_ratios(rows)
+    full, clustered = rows
+    assert full["kv_ratio"] == 1.0 and 0.2 < clustered["kv_ratio"] < 0.35
+    assert clustered["compute_mib"] > 0 and clustered["total_mib"] < full["total_mib"]
+    assert "| chelsea R=0.2 |" in memory_bench.markdown(rows, {"commit": "x", "date": "d", "command": "c", "wall_s": 1})
+
