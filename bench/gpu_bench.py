@@ -91,7 +91,8 @@ def decode_rows(model: str) -> list[dict[str, Any]]:
                     speeds.append(t.generation_tok_per_s)
                 row = {"config": kind, "depth": depth, "decode_tok_s": sorted(speeds),
                        "decode_tok_s_median": sorted(speeds)[len(speeds) // 2], "prompt_tok_s": prompt_tok_s,
-                       "generated": n, "kv_mib": round(llm.kv_stats().kv_mib, 1)}
+                       "generated": n, "kv_mib": round(llm.kv_stats().kv_mib, 1),
+                       "compute_mib": round(llm.kv_stats().compute_mib, 1)}
                 if kind != "full":
                     cs = llm.kv_cluster_stats()
                     row.update(compression=round(cs["compression"], 2), cluster_ms=round(cs["time_ms"], 1),
@@ -119,11 +120,12 @@ def markdown(res: dict[str, Any]) -> str:
                      f"| {r['compression'] or 1:.2f}x | {r['kv_mib']} |")
     lines += ["", f"## Decode ({DECODE_TOKENS} greedy tokens after the prompt, {REPEATS} runs: median, flash "
               "attention on; SmolLM2 is trained to 8k, the 32k rows measure speed only)", "",
-              "| config | depth | decode tok/s | vs full | prompt tok/s | KV MiB | vs full | clustering ms |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| config | depth | decode tok/s | vs full | prompt tok/s | KV MiB | vs full | compute MiB | clustering ms |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["decode"]:
         lines.append(f"| {r['config']} | {r['depth']} | {r['decode_tok_s_median']:.1f} | {r['decode_speedup']:.2f}x | "
-                     f"{r['prompt_tok_s']:.0f} | {r['kv_mib']} | {r['kv_mib_ratio']:.2f} | {r.get('cluster_ms', '-')} |")
+                     f"{r['prompt_tok_s']:.0f} | {r['kv_mib']} | {r['kv_mib_ratio']:.2f} | {r.get('compute_mib', '-')} | "
+                     f"{r.get('cluster_ms', '-')} |")
     return "\n".join(lines) + "\n"
 
 
