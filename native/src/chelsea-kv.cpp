@@ -687,7 +687,7 @@ bool llama_kv_cache::chelsea_seq_rm(llama_seq_id seq_id, llama_pos p0, llama_pos
 
 ggml_tensor * llama_kv_cache::chelsea_get_bias(ggml_context * ctx, int32_t il, uint32_t n_kv, const slot_info & sinfo) const {
     const auto & st = *chelsea;
-    if (!(st.any_merged || st.reserving) || !st.params.log_bias) {
+    if (!st.bias_in_graph()) {
         return nullptr;
     }
     // [n_kv, 1, 1, n_head_kv*n_stream]: head h of stream s at h + n_head_kv*s, one stride apart (kv_size floats)
@@ -698,7 +698,7 @@ ggml_tensor * llama_kv_cache::chelsea_get_bias(ggml_context * ctx, int32_t il, u
 
 ggml_tensor * llama_kv_cache::chelsea_get_bias_all(ggml_context * ctx, int32_t il, uint32_t n_kv, int32_t & i_layer) const {
     const auto & st = *chelsea;
-    if (!(st.any_merged || st.reserving) || !st.params.log_bias || !st.log_sizes_all || n_stream != 1) {
+    if (!st.bias_in_graph() || !st.log_sizes_all || n_stream != 1) {
         return nullptr;
     }
     // one stream: head h of layer i at h + n_head_kv*i, one stride apart (kv_size floats)
@@ -966,15 +966,20 @@ int32_t chelsea_kv_cluster_enable(llama_context * ctx, const chelsea_kv_cluster_
     if (params->log_bias) {
         // merged cells make attention add a per-head mask, which the reserve at context creation did not see:
         // size the compute buffers for it now rather than growing them at the first merge
+        bool reserved = true;
+        std::string reserve_err;
         kv->chelsea->reserving = true;
         try {
             ctx->chelsea_reserve();
         } catch (const std::exception & e) {
-            kv->chelsea->reserving = false;
-            set_error(err, err_len, std::string("clustering is on, but its compute buffers could not be reserved: ") + e.what());
-            return -1;
+            reserved = false;
+            reserve_err = e.what();
         }
         kv->chelsea->reserving = false;
+        if (!reserved) {
+            set_error(err, err_len, "clustering is on, but its compute buffers could not be reserved: " + reserve_err);
+            return -1;
+        }
     }
     return 0;
 }

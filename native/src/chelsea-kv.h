@@ -41,6 +41,9 @@ struct chelsea_kv_state {
     bool any_merged = false; // some cell holds a centroid: attention needs the log-size bias
     bool reserving  = false; // the compute buffers are being sized: attention graphs carry the bias as if merged
 
+    // attention graphs add the log-size bias: something is merged, or the compute buffers are being sized for it
+    bool bias_in_graph() const { return params.log_bias && (any_merged || reserving); }
+
     std::mt19937 rng; // params.random_pairs: the pairs' draws, from params.seed at clear()
 
     // the compression pass being run (llama_kv_cache::chelsea_update -> chelsea_run_pass)
