@@ -37,21 +37,12 @@ def answer(method: Method, prompt_tokens: list[int], n_gen: int, threads: int) -
     return text, cells, time.perf_counter() - t0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--ratios", default="0.2", help="comma-separated R for Chelsea and the baselines")
-    ap.add_argument("--only", help="comma-separated method name prefixes (e.g. 'random merge'): run these (and the "
-                                   "full cache, the reference) and amend the recorded result instead of replacing it")
-    args = ap.parse_args()
-    ratios = tuple(float(r) for r in args.ratios.split(","))
-    if args.quick:
+def task_items(quick: bool) -> list[dict[str, Any]]:
+    """The prompts every method answers: the passkey grid, then the RULER-style tasks (see the module doc)."""
+    if quick:
         lengths, depths, ruler_len, seeds, tasks = [768], [0.5], 512, [1], ["multikey"]
     else:
         lengths, depths, ruler_len, seeds, tasks = [1024, 2048], [0.1, 0.5, 0.9], 1024, [1], list(GENERATORS)
-    methods = [FULL] + only_methods(budget_methods(ratios), args.only)
-    t_start = time.time()
     with open_method(FULL, 16, n_threads=1) as tok_llm:
         def count(text: str) -> int:
             return len(tok_llm.tokenize(text))
@@ -70,11 +61,16 @@ def main() -> int:
                 task = make_task(name, ruler_len, seed, count)
                 items.append({"task": name, "length": ruler_len, "depth": None, "seed": seed,
                               "tokens": tok_llm.tokenize(task.prompt), "n_gen": task.n_gen, "score": task.score})
+    return items
+
+
+def answer_items(methods: list[Method], items: list[dict[str, Any]], threads: int) -> list[dict[str, Any]]:
+    """A row per (method, item), printed as it comes; the full cache must come first (agree_full)."""
     rows: list[dict[str, Any]] = []
     full_answers: dict[int, str] = {}
     for m in methods:
         for i, item in enumerate(items):
-            text, cells, secs = answer(m, item["tokens"], item["n_gen"], args.threads)
+            text, cells, secs = answer(m, item["tokens"], item["n_gen"], threads)
             if m.kind == "full":
                 full_answers[i] = text
             row = {"method": m.name, "kind": m.kind, "ratio": m.ratio, "bias": m.bias, "task": item["task"],
@@ -83,6 +79,22 @@ def main() -> int:
                    "answer": text, "cells_held": cells, "seconds": round(secs, 1)}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    return rows
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--ratios", default="0.2", help="comma-separated R for Chelsea and the baselines")
+    ap.add_argument("--only", help="comma-separated method name prefixes (e.g. 'random merge'): run these (and the "
+                                   "full cache, the reference) and amend the recorded result instead of replacing it")
+    args = ap.parse_args()
+    ratios = tuple(float(r) for r in args.ratios.split(","))
+    methods = [FULL] + only_methods(budget_methods(ratios), args.only)
+    t_start = time.time()
+    items = task_items(args.quick)
+    rows = answer_items(methods, items, args.threads)
     meta = provenance("python3 bench/quality_tasks.py" + (" --quick" if args.quick else "")
                       + (f" --ratios {args.ratios}" if args.ratios != "0.2" else "")
                       + (f" --only '{args.only}'" if args.only else ""),
