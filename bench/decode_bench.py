@@ -23,6 +23,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,8 @@ class Worker:
 
     def serve(self) -> None:
         """One JSON command per stdin line ({"cmd": "feed", "depth": N} | burst | stats | exit), one JSON reply
-        per stdout line."""
+        per stdout line; the first line says it is ready."""
+        print(json.dumps({"ready": self.config}), flush=True)
         for line in sys.stdin:
             msg = json.loads(line)
             if msg["cmd"] == "exit":
@@ -117,21 +119,28 @@ class ConfigProcess:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--depths",
                ",".join(map(str, depths)), "--n-gen", str(args.n_gen), "--reps", str(args.reps), "--model",
                args.model, "--threads", str(args.threads)]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+        # stderr to a file: a pipe nobody reads during a long run could fill and stall the worker
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        # loaded and tokenized before the next worker starts, so that no start-up overlaps a measurement
+        self.reply("start")
 
     def call(self, cmd: str, **kw: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
         try:
             self.proc.stdin.write(json.dumps({"cmd": cmd, **kw}) + "\n")
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass
+        return self.reply(cmd)
+
+    def reply(self, cmd: str) -> dict[str, Any]:
+        assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            raise RuntimeError(f"{self.config} failed (exit {self.proc.returncode}) at {cmd}:\n"
-                               f"{self.proc.stderr.read()[-2000:] if self.proc.stderr else ''}")
+            self.log.seek(0)
+            raise RuntimeError(f"{self.config} failed (exit {self.proc.returncode}) at {cmd}:\n{self.log.read()[-2000:]}")
         return json.loads(line)
 
     def close(self) -> None:
@@ -140,6 +149,7 @@ class ConfigProcess:
             self.proc.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
             self.proc.stdin.close()
             self.proc.wait()
+        self.log.close()
 
 
 def measure_depth(procs: list[ConfigProcess], depth: int, reps: int) -> list[dict[str, Any]]:

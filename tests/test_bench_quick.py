@@ -95,3 +95,34 @@ def test_memory_bench_reads_kv_and_compute_buffers() -> None:
     assert clustered["compute_mib"] > 0 and clustered["total_mib"] < full["total_mib"]
     assert "| chelsea R=0.2 |" in memory_bench.markdown(rows, {"commit": "x", "date": "d", "command": "c", "wall_s": 1})
 
+
+
+def test_decode_bench_runs_bursts_in_rounds() -> None:
+    import argparse
+
+    import decode_bench
+
+    args = argparse.Namespace(n_gen=4, reps=2, model="smollm2", threads=1)
+    procs = [decode_bench.ConfigProcess(c, [300], args) for c in ("full f16", "chelsea R=0.2")]
+    try:
+        rows = decode_bench.measure_depth(procs, 300, args.reps)
+    finally:
+        for p in procs:
+            p.close()
+    assert all(p.proc.returncode == 0 for p in procs)
+    decode_bench.add_ratios(rows)
+    full, clustered = rows
+    assert [r["config"] for r in rows] == ["full f16", "chelsea R=0.2"]
+    assert len(full["decode_bursts"]) == len(clustered["decode_bursts"]) == 2
+    assert full["decode_speedup"] == 1.0 and clustered["decode_speedup"] > 0
+    assert full["prompt_tokens"] == clustered["prompt_tokens"] == 300
+    assert "cluster_ms" in clustered and "cluster_ms" not in full
+
+
+def test_recent_window_refuses_a_window_the_budget_cannot_hold() -> None:
+    import recent_window
+
+    methods = recent_window.methods_for({0.1: [64, 256]})
+    recent_window.check_same_cells(methods, 3072)
+    with pytest.raises(SystemExit, match="recent=256: at 2048 tokens the budget 205 is below"):
+        recent_window.check_same_cells(methods, 2048)
