@@ -25,6 +25,7 @@ STAGES: dict[str, list[str]] = {
     "speed": ["decode_bench.py"],
     "gemma": ["decode_bench.py", "--model", "gemma"],
     "memory": ["memory_bench.py"],
+    "recent": ["recent_window.py"],
 }
 QUICK_STAGES = ("kld", "tasks", "speed", "memory")   # the Gemma plan has no quick variant: speed --quick covers the code
 
