@@ -2,6 +2,7 @@
 
     python3 bench/recent_window.py            # R = 0.2 and 0.1, recent 64 (default) .. 384; KLD and passkeys at 3k
     python3 bench/recent_window.py --quick    # R = 0.2, recent 64 and 128; 1k tokens, two passkeys
+    python3 bench/recent_window.py --segments # KLD only, recent 64 vs 128 at R = 0.2 and 0.1, on 4 parts of the text
 
 Every configuration at one R holds the same physical cells (the budget stays above the protected sinks and
 recent tokens, so ``kv_cluster_recent`` does not change the allocation; checked). A larger exact window leaves
@@ -9,7 +10,8 @@ fewer cells for the older, merged context. Two measures pull against each other:
 the tail of a natural text (``quality_kld.py``'s text and scoring), where the last tokens predict the next best,
 and passkeys hidden at several depths of a 3k-token prompt, which only the merged history can answer.
 StreamingLLM eviction at the same cells (every cell a recent token) is the end point of that trade.
-Results: bench/results/recent_window[_quick].{json,md,png}.
+``--segments`` asks whether a KLD difference holds beyond one stretch of text: the same scoring on 3072-token
+stretches starting at 4 offsets of the text. Results: bench/results/recent_window[_quick|_segments].{json,md,png}.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from chelsea_gguf.cluster import default_options
 from chelsea_gguf.passkey import passkey_prompt
 
-from common import FULL, RESULTS, Method, document_tokens, open_method, provenance, write_json
+from common import FULL, RESULTS, Method, document_tokens, open_method, provenance, reference_text, write_json
 from quality_kld import method_logprobs, score
 from quality_tasks import PK_GEN, answer
 from ruler import fit_size
@@ -36,6 +38,9 @@ PLANS: dict[str, dict[str, Any]] = {
              "pk_tokens": 3072, "depths": [0.1, 0.35, 0.6, 0.85]},
     "quick": {"recents": {0.2: [64, 128]}, "kld_tokens": (1024, 256), "pk_tokens": 1024, "depths": [0.1, 0.5]},
 }
+
+SEGMENTS: dict[str, Any] = {"offsets": [0, 30000, 60000, 90000], "recents": {0.2: [64, 128], 0.1: [64, 128]},
+                            "kld_tokens": (3072, 1536)}
 
 
 def methods_for(recents: dict[float, list[int]]) -> list[Method]:
@@ -105,6 +110,47 @@ def run(plan: dict[str, Any], threads: int) -> list[dict[str, Any]]:
     return rows
 
 
+def run_segments(threads: int) -> list[dict[str, Any]]:
+    """KLD of each window against the full cache on several stretches of the text (no passkeys, no eviction)."""
+    n, n_score = SEGMENTS["kld_tokens"]
+    methods = [m for m in methods_for(SEGMENTS["recents"]) if m.kind == "chelsea"]
+    check_same_cells(methods, n)
+    with open_method(FULL, 16, n_threads=1) as tok_llm:
+        text = tok_llm.tokenize(reference_text())
+    rows: list[dict[str, Any]] = []
+    for offset in SEGMENTS["offsets"]:
+        tokens = text[offset:offset + n]
+        if len(tokens) < n:
+            raise SystemExit(f"offset {offset}: the reference text has only {len(text)} tokens")
+        first = n - n_score - 1
+        targets = np.array(tokens[first + 1:], dtype=np.int64)
+        ref, _, _ = method_logprobs(FULL, tokens, first, threads)
+        for m in methods:
+            lp, cells, _ = method_logprobs(m, tokens, first, threads)
+            rows.append({"offset": offset, "method": m.name, "ratio": m.ratio, "recent": recent_of(m),
+                         **score(ref, lp, targets), "kld_cells_held": cells})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def markdown_segments(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    offsets = sorted({r["offset"] for r in rows})
+    lines = [f"# Exact recent window on several stretches of text: {meta['model']}", "",
+             f"{meta['cpu']}, {meta['cores']} cores, commit {meta['commit']}, {meta['date']}; command "
+             f"`{meta['command']}`, {meta['wall_s']:.0f} s. KLD (nats/token, vs the full cache) over the last "
+             f"{meta['kld_tokens'][1]} of {meta['kld_tokens'][0]} tokens starting at each token offset of "
+             f"{meta['text']}; every row of one R holds the same cells.", "",
+             "| method | " + " | ".join(f"KLD @ {o}" for o in offsets) + " | mean KLD | mean top-1 |",
+             "|---|" + "---:|" * (len(offsets) + 2)]
+    for name in dict.fromkeys(r["method"] for r in rows):
+        mine = {r["offset"]: r for r in rows if r["method"] == name}
+        klds = [mine[o]["kld"] for o in offsets]
+        top1 = [mine[o]["top1_agree"] for o in offsets]
+        lines.append(f"| {name} | " + " | ".join(f"{k:.3f}" for k in klds)
+                     + f" | {sum(klds) / len(klds):.3f} | {sum(top1) / len(top1):.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     n_pk = len(meta["depths"])
     lines = [f"# Exact recent window vs merged history: {meta['model']}", "",
@@ -150,10 +196,20 @@ def plot(rows: list[dict[str, Any]], meta: dict[str, Any], path: Any) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--segments", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    plan = PLANS["quick" if args.quick else "full"]
     t_start = time.time()
+    if args.segments:
+        rows = run_segments(args.threads)
+        meta = provenance("python3 bench/recent_window.py --segments", model="SmolLM2-135M-Instruct Q4_1",
+                          text="pydoc_data.topics (Python stdlib), sorted topics", offsets=SEGMENTS["offsets"],
+                          kld_tokens=list(SEGMENTS["kld_tokens"]), threads=args.threads,
+                          wall_s=round(time.time() - t_start, 1))
+        print(write_json("recent_window_segments", {"meta": meta, "rows": rows}))
+        (RESULTS / "recent_window_segments.md").write_text(markdown_segments(rows, meta))
+        return 0
+    plan = PLANS["quick" if args.quick else "full"]
     rows = run(plan, args.threads)
     meta = provenance("python3 bench/recent_window.py" + (" --quick" if args.quick else ""),
                       model="SmolLM2-135M-Instruct Q4_1", text="pydoc_data.topics (Python stdlib), sorted topics",
