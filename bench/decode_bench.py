@@ -98,10 +98,10 @@ class Worker:
         print(json.dumps({"ready": self.config}), flush=True)
         for line in sys.stdin:
             msg = json.loads(line)
-            if msg["cmd"] == "exit":
+            cmd = msg.pop("cmd")
+            if cmd == "exit":
                 break
-            reply = self.feed(msg["depth"]) if msg["cmd"] == "feed" else getattr(self, msg["cmd"])()
-            print(json.dumps(reply), flush=True)
+            print(json.dumps(getattr(self, cmd)(**msg)), flush=True)
         self.llm.close()
 
 
@@ -242,6 +242,7 @@ def main() -> int:
             for r in new_rows:
                 print(json.dumps({k: v for k, v in r.items() if k != "decode_bursts"}), flush=True)
             rows += new_rows
+            rows.sort(key=lambda r: (configs.index(r["config"]), r["depth"]))
             add_ratios(rows)
             # written after every depth: an interrupted run keeps what it measured
             meta = provenance(command, model="Gemma-3-270M Q4_K_M" if args.model == "gemma" else "SmolLM2-135M-Instruct Q4_1",
@@ -253,9 +254,6 @@ def main() -> int:
     finally:
         for p in procs:
             p.close()
-    rows.sort(key=lambda r: (configs.index(r["config"]), r["depth"]))
-    path = write_json(stem, {"meta": meta, "rows": rows})
-    (RESULTS / f"{stem}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
     try:
         from plot_decode import plot

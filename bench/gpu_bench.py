@@ -89,10 +89,10 @@ def decode_rows(model: str) -> list[dict[str, Any]]:
                     if rep == 0:
                         prompt_tok_s = t.prompt_tok_per_s
                     speeds.append(t.generation_tok_per_s)
+                kv = llm.kv_stats()
                 row = {"config": kind, "depth": depth, "decode_tok_s": sorted(speeds),
                        "decode_tok_s_median": sorted(speeds)[len(speeds) // 2], "prompt_tok_s": prompt_tok_s,
-                       "generated": n, "kv_mib": round(llm.kv_stats().kv_mib, 1),
-                       "compute_mib": round(llm.kv_stats().compute_mib, 1)}
+                       "generated": n, "kv_mib": round(kv.kv_mib, 1), "compute_mib": round(kv.compute_mib, 1)}
                 if kind != "full":
                     cs = llm.kv_cluster_stats()
                     row.update(compression=round(cs["compression"], 2), cluster_ms=round(cs["time_ms"], 1),

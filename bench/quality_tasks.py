@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Any
 
+from chelsea_gguf import Llama
 from chelsea_gguf.passkey import passkey_prompt
 
 from common import (FULL, Method, amend_json, budget_methods, new_session, only_methods, open_method, provenance,
@@ -37,6 +38,14 @@ def answer(method: Method, prompt_tokens: list[int], n_gen: int, threads: int) -
     return text, cells, time.perf_counter() - t0
 
 
+def passkey_item(tok_llm: Llama, length: int, depth: float, seed: int) -> dict[str, Any]:
+    """A passkey prompt of about `length` tokens with the key at `depth`; score 1.0 when the key is retrieved."""
+    size = fit_size(lambda k: passkey_prompt(k, depth, seed).prompt, length, lambda t: len(tok_llm.tokenize(t)))
+    pk = passkey_prompt(size, depth, seed)
+    return {"task": "passkey", "length": length, "depth": depth, "seed": seed, "tokens": tok_llm.tokenize(pk.prompt),
+            "n_gen": PK_GEN, "score": lambda out: float(pk.retrieved(out))}
+
+
 def task_items(quick: bool) -> list[dict[str, Any]]:
     """The prompts every method answers: the passkey grid, then the RULER-style tasks (see the module doc)."""
     if quick:
@@ -50,12 +59,7 @@ def task_items(quick: bool) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
         for length in lengths:
             for depth in depths:
-                seed = 1000 + length + int(depth * 100)
-                size = fit_size(lambda k: passkey_prompt(k, depth, seed).prompt, length, count)
-                pk = passkey_prompt(size, depth, seed)
-                items.append({"task": "passkey", "length": length, "depth": depth, "seed": seed,
-                              "tokens": tok_llm.tokenize(pk.prompt), "n_gen": PK_GEN,
-                              "score": lambda out, pk=pk: float(pk.retrieved(out))})
+                items.append(passkey_item(tok_llm, length, depth, 1000 + length + int(depth * 100)))
         for name in tasks:
             for seed in seeds:
                 task = make_task(name, ruler_len, seed, count)

@@ -26,12 +26,10 @@ from typing import Any
 import numpy as np
 
 from chelsea_gguf.cluster import default_options
-from chelsea_gguf.passkey import passkey_prompt
 
 from common import FULL, RESULTS, Method, document_tokens, open_method, provenance, reference_text, write_json
 from quality_kld import method_logprobs, score
-from quality_tasks import PK_GEN, answer
-from ruler import fit_size
+from quality_tasks import PK_GEN, answer, passkey_item
 
 PLANS: dict[str, dict[str, Any]] = {
     "full": {"recents": {0.2: [64, 128, 256, 384], 0.1: [64, 128, 256]}, "kld_tokens": (3072, 1536),
@@ -68,16 +66,14 @@ def check_same_cells(methods: list[Method], n_tokens: int) -> None:
 
 def passkey_items(n_tokens: int, depths: list[float]) -> list[dict[str, Any]]:
     with open_method(FULL, 16, n_threads=1) as tok_llm:
-        def count(text: str) -> int:
-            return len(tok_llm.tokenize(text))
+        return [passkey_item(tok_llm, n_tokens, depth, 5000 + n_tokens + int(depth * 100)) for depth in depths]
 
-        items = []
-        for depth in depths:
-            seed = 5000 + n_tokens + int(depth * 100)
-            size = fit_size(lambda k: passkey_prompt(k, depth, seed).prompt, n_tokens, count)
-            pk = passkey_prompt(size, depth, seed)
-            items.append({"depth": depth, "seed": seed, "tokens": tok_llm.tokenize(pk.prompt), "passkey": pk})
-    return items
+
+def kld_reference(tokens: list[int], n_score: int, threads: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """The first logits position scored, the target tokens, and the full cache's log-probabilities there."""
+    first = len(tokens) - n_score - 1          # logits of position i predict token i + 1
+    ref, _, _ = method_logprobs(FULL, tokens, first, threads)
+    return first, np.array(tokens[first + 1:], dtype=np.int64), ref
 
 
 def run(plan: dict[str, Any], threads: int) -> list[dict[str, Any]]:
@@ -86,11 +82,9 @@ def run(plan: dict[str, Any], threads: int) -> list[dict[str, Any]]:
     check_same_cells(methods, min(n_kld, plan["pk_tokens"]))
     with open_method(FULL, 16, n_threads=1) as tok_llm:
         tokens = document_tokens(tok_llm, n_kld)
-    first = n_kld - n_score - 1
-    targets = np.array(tokens[first + 1:], dtype=np.int64)
-    ref, _, _ = method_logprobs(FULL, tokens, first, threads)
+    first, targets, ref = kld_reference(tokens, n_score, threads)
     items = passkey_items(plan["pk_tokens"], plan["depths"])
-    full_found = [item["passkey"].retrieved(answer(FULL, item["tokens"], PK_GEN, threads)[0]) for item in items]
+    full_found = [item["score"](answer(FULL, item["tokens"], PK_GEN, threads)[0]) == 1.0 for item in items]
     rows: list[dict[str, Any]] = [{"method": FULL.name, "kind": "full", "ratio": 1.0, "recent": None,
                                     **score(ref, ref, targets), "passkeys": sum(full_found), "passkey_found": full_found}]
     print(json.dumps(rows[-1]), flush=True)
@@ -100,7 +94,7 @@ def run(plan: dict[str, Any], threads: int) -> list[dict[str, Any]]:
         found, pk_cells = [], set()
         for item in items:
             text, held, _ = answer(m, item["tokens"], PK_GEN, threads)
-            found.append(item["passkey"].retrieved(text))
+            found.append(item["score"](text) == 1.0)
             pk_cells.add(held)
         rows.append({"method": m.name, "kind": m.kind, "ratio": m.ratio, "recent": recent_of(m),
                      **score(ref, lp, targets), "kld_cells_held": cells, "passkeys": sum(found),
@@ -122,9 +116,7 @@ def run_segments(threads: int) -> list[dict[str, Any]]:
         tokens = text[offset:offset + n]
         if len(tokens) < n:
             raise SystemExit(f"offset {offset}: the reference text has only {len(text)} tokens")
-        first = n - n_score - 1
-        targets = np.array(tokens[first + 1:], dtype=np.int64)
-        ref, _, _ = method_logprobs(FULL, tokens, first, threads)
+        first, targets, ref = kld_reference(tokens, n_score, threads)
         for m in methods:
             lp, cells, _ = method_logprobs(m, tokens, first, threads)
             rows.append({"offset": offset, "method": m.name, "ratio": m.ratio, "recent": recent_of(m),
