@@ -212,6 +212,7 @@ struct chelsea_kv_cluster_params {
     uint32_t seed;
 };
 struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);
+int32_t chelsea_kv_cluster_params_check(const struct chelsea_kv_cluster_params * params, char * err, size_t err_len);
 int32_t chelsea_kv_cluster_enable(struct llama_context * ctx, const struct chelsea_kv_cluster_params * params,
                                   char * err, size_t err_len);
 int32_t chelsea_kv_cluster_compress(struct llama_context * ctx, llama_seq_id seq_id);
@@ -231,6 +232,8 @@ int32_t chelsea_kv_cluster_cell_positions(const struct llama_context * ctx, llam
                                           int32_t n_max);
 int32_t chelsea_kv_cluster_sizes(const struct llama_context * ctx, llama_seq_id seq_id, int32_t layer, float * out,
                                  int32_t n_cells);
+int32_t chelsea_kv_keys(const struct llama_context * ctx, llama_seq_id seq_id, int32_t layer, float * out,
+                        int32_t n_cells);
 int32_t chelsea_ops_run_cpu(int32_t type_k, int32_t type_v, bool v_trans, bool match_values, int32_t n_embd, int32_t n_head,
                             int32_t n_span, int32_t c0, int32_t n_region, int32_t chunk, int32_t n_remove,
                             const float * k, const float * v, const float * s,

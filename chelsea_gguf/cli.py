@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from chelsea_gguf.cluster import options_from_keywords
+from chelsea_gguf.cluster import OPTIONS, OptionSpec, options_from_keywords
 from chelsea_gguf.kv import MIB
 from chelsea_gguf.llama import Llama, Timings
 from chelsea_gguf.models import ModelFetchError
@@ -143,41 +143,34 @@ def add_cluster_arguments(p: argparse.ArgumentParser, *, on_by_default: bool = F
     else:
         g.add_argument("--kv-cluster", action="store_true",
                        help="cluster the KV cache online: ~ratio x the KV memory, faster decoding at long depth")
-    g.add_argument("--kv-ratio", type=float, default=None, metavar="R", help="cells kept per token seen (default 0.25)")
-    g.add_argument("--kv-chunk", type=int, default=None, metavar="C", help="cells per matching chunk, even (default 64)")
-    g.add_argument("--kv-sinks", type=int, default=None, metavar="N", help="first tokens never merged (default 16)")
-    g.add_argument("--kv-recent", type=int, default=None, metavar="N", help="last tokens never merged (default 64)")
-    g.add_argument("--kv-interval", type=int, default=None, metavar="G",
-                   help="compress when G cells over budget while generating (default 256)")
-    g.add_argument("--kv-no-bias", dest="kv_bias", action="store_false",
-                   help="do not add log(cluster size) to attention logits")
-    g.add_argument("--kv-match-keys", dest="kv_match_values", action="store_false",
-                   help="pair cells by key similarity alone, as the paper (default: by keys and values)")
+    for o in OPTIONS:
+        if o.flag is not None:
+            _add_cluster_flag(g, o)
 
 
-CLUSTER_FLAGS = {"kv_cluster_ratio": "--kv-ratio", "kv_cluster_chunk": "--kv-chunk", "kv_cluster_sinks": "--kv-sinks",
-                 "kv_cluster_recent": "--kv-recent", "kv_cluster_interval": "--kv-interval",
-                 "kv_cluster_bias": "--kv-no-bias", "kv_cluster_match_values": "--kv-match-keys"}
+def _add_cluster_flag(g: Any, o: OptionSpec) -> None:
+    """An option's flag, default None (the C library's default): a bool's flag turns it off."""
+    assert o.flag is not None
+    if o.c_type == "_Bool":
+        g.add_argument(o.flag, dest=o.keyword, action="store_const", const=False, default=None, help=o.flag_help)
+    else:
+        g.add_argument(o.flag, dest=o.keyword, type=float if o.c_type == "float" else int, default=None,
+                       metavar="X" if o.c_type == "float" else "N", help=f"{o.doc} (default {o.default})")
+
+
+def _flag(o: OptionSpec) -> str:
+    return o.flag or o.keyword
 
 
 def cluster_kwargs_of(args: argparse.Namespace) -> dict[str, Any]:
     """The Llama keywords the clustering flags ask for; ValueError naming the flag if one is bad."""
-    given = {"kv_cluster_ratio": args.kv_ratio, "kv_cluster_chunk": args.kv_chunk, "kv_cluster_sinks": args.kv_sinks,
-             "kv_cluster_recent": args.kv_recent, "kv_cluster_interval": args.kv_interval,
-             "kv_cluster_bias": None if args.kv_bias else False,
-             "kv_cluster_match_values": None if args.kv_match_values else False}
-    chosen = {k: v for k, v in given.items() if v is not None}
+    flagged = [o for o in OPTIONS if o.flag is not None]
+    chosen = {o.keyword: getattr(args, o.keyword) for o in flagged if getattr(args, o.keyword) is not None}
     if chosen and not args.kv_cluster:
-        raise ValueError(f"{', '.join(CLUSTER_FLAGS[k] for k in chosen)}: clustering is off")
+        raise ValueError(f"{', '.join(_flag(o) for o in flagged if o.keyword in chosen)}: clustering is off")
     if not args.kv_cluster:
         return {}
-    try:
-        options_from_keywords(chosen)
-    except ValueError as e:
-        message = str(e)
-        for keyword, flag in CLUSTER_FLAGS.items():
-            message = message.replace(keyword, flag)
-        raise ValueError(message) from None
+    options_from_keywords(chosen, label=_flag)
     return {"kv_cluster": True, **chosen}
 
 

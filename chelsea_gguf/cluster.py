@@ -1,54 +1,80 @@
-"""Options and statistics of online KV-cache clustering (Chelsea) for a context."""
+"""Options and statistics of online KV-cache clustering (Chelsea) for a context.
+
+Each option is declared once, as a field of :class:`ClusterOptions`: its default is read from the C library
+(``chelsea_kv_cluster_default_params``), its metadata names the C field, the CLI flag and a one-line doc, and the
+``kv_cluster_*`` keywords, the flags with their help and the error messages are derived from it. The range rules
+live in C (``chelsea_kv_cluster_params_check``); Python checks only what the C types cannot carry.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from chelsea_gguf._lib import ffi, lib
-from chelsea_gguf.options import require_float, require_int
+from chelsea_gguf.kv import read_kv_stats
+
+KEYWORD_PREFIX = "kv_cluster_"
+
+_C_PARAMS = ffi.typeof("struct chelsea_kv_cluster_params")
+_C_TYPES: dict[str, str] = {name: f.type.cname for name, f in _C_PARAMS.fields}
+_C_DEFAULTS = lib.chelsea_kv_cluster_default_params()
+# what Python must check before a value can be stored in the C field at all
+_C_INT_RANGES: dict[str, tuple[int, int]] = {"int32_t": (-(2**31), 2**31 - 1), "uint32_t": (0, 2**32 - 1)}
+
+
+def _c_default(c_name: str) -> Any:
+    value = getattr(_C_DEFAULTS, c_name)
+    kind = _C_TYPES[c_name]
+    if kind == "_Bool":
+        return bool(value)
+    if kind == "float":
+        return round(value, 6)  # the float32 default as written in C (0.2f -> 0.2)
+    return int(value)
+
+
+def _option(c_name: str, doc: str, flag: str | None = None, flag_help: str | None = None) -> Any:
+    """A ClusterOptions field: the default of C field `c_name`; `flag` is its chelsea-run flag (a bool's flag turns
+    it off and `flag_help` says what that does)."""
+    return dataclasses.field(default=_c_default(c_name),
+                             metadata={"c_name": c_name, "doc": doc, "flag": flag, "flag_help": flag_help})
 
 
 @dataclass(frozen=True)
 class ClusterOptions:
-    """What ``Llama(kv_cluster=True, kv_cluster_*=...)`` asks for; defaults from the C library."""
+    """What ``Llama(kv_cluster=True, kv_cluster_<field>=...)`` asks for; every default comes from the C library."""
 
-    ratio: float = 0.25     # cells kept per token seen
-    chunk: int = 64         # cells per matching chunk (even)
-    sinks: int = 16         # first tokens never merged
-    recent: int = 64        # last tokens never merged
-    interval: int = 256     # while generating, compress once a sequence exceeds its budget by this many cells
-    max_passes: int = 32
-    pass_fraction: float = 0.25  # share of candidate cells one pass may merge: the most similar pairs go first
-    bias: bool = True       # proportional attention: + log(cluster size)
-    match_values: bool = True  # pair cells by keys and values (False: by keys alone, as the paper)
-    random_pairs: bool = False  # benchmark baseline: merge random pairs instead of the most similar ones
-    seed: int = 0           # of random_pairs
+    ratio: float = _option("ratio", "R: cells kept per token seen, in (0, 1]", "--kv-ratio")
+    chunk: int = _option("chunk", "cells per matching chunk (even, >= 2)", "--kv-chunk")
+    sinks: int = _option("n_sink", "first tokens never merged", "--kv-sinks")
+    recent: int = _option("n_recent", "last tokens never merged", "--kv-recent")
+    interval: int = _option("interval", "g: while generating, compress once a sequence exceeds its budget by this "
+                            "many cells", "--kv-interval")
+    max_passes: int = _option("max_passes", "merging passes per compression, at most", "--kv-max-passes")
+    pass_fraction: float = _option("pass_fraction", "share of candidate cells one pass may merge, in (0, 1]: the "
+                                   "most similar pairs go first", "--kv-pass-fraction")
+    bias: bool = _option("log_bias", "proportional attention: add log(cluster size) to attention logits",
+                         "--kv-no-bias", "do not add log(cluster size) to attention logits")
+    match_values: bool = _option("match_values", "pair cells by keys and values (off: by keys alone, as the paper)",
+                                 "--kv-match-keys", "pair cells by key similarity alone, as the paper "
+                                 "(default: by keys and values)")
+    random_pairs: bool = _option("random_pairs", "benchmark baseline: merge seeded random pairs instead of the most "
+                                 "similar ones")
+    seed: int = _option("seed", "seed of random_pairs")
 
-    def validated(self) -> "ClusterOptions":
-        ratio = require_float("kv_cluster_ratio", self.ratio)
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"kv_cluster_ratio: {self.ratio} is out of range (must be > 0 and <= 1)")
-        require_int("kv_cluster_chunk", self.chunk, 2)
-        if self.chunk % 2:
-            raise ValueError(f"kv_cluster_chunk: {self.chunk} must be even (chunks split into alternating pairs)")
-        require_int("kv_cluster_sinks", self.sinks, 0)
-        require_int("kv_cluster_recent", self.recent, 0)
-        require_int("kv_cluster_interval", self.interval, 0)
-        require_int("kv_cluster_max_passes", self.max_passes, 1, 64)
-        fraction = require_float("kv_cluster_pass_fraction", self.pass_fraction)
-        if not 0.0 < fraction <= 1.0:
-            raise ValueError(f"kv_cluster_pass_fraction: {self.pass_fraction} is out of range (must be > 0 and <= 1)")
-        if not isinstance(self.bias, bool):
-            raise ValueError(f"kv_cluster_bias: expected a bool, got {self.bias!r}")
-        if not isinstance(self.match_values, bool):
-            raise ValueError(f"kv_cluster_match_values: expected a bool, got {self.match_values!r}")
-        if not isinstance(self.random_pairs, bool):
-            raise ValueError(f"kv_cluster_random_pairs: expected a bool, got {self.random_pairs!r}")
-        require_int("kv_cluster_seed", self.seed, 0, 2**32 - 1)
+    def validated(self, label: Callable[["OptionSpec"], str] | None = None) -> "ClusterOptions":
+        """Self if every option is valid, else ValueError naming the option as `label` calls it (default: its
+        Llama keyword) and the value. The ranges are the C library's rules."""
+        name_of = label or (lambda o: o.keyword)
+        for o in OPTIONS:
+            _check_c_type(name_of(o), o, getattr(self, o.name))
+        problem = _c_check(self.to_native())
+        if problem:
+            raise ValueError(_named(problem, name_of))
         return self
 
     def physical_cells(self, n_ctx: int, n_batch: int) -> int:
@@ -60,45 +86,103 @@ class ClusterOptions:
         return min(n_ctx, budget + max(self.interval, n_batch))
 
     def to_native(self) -> Any:
+        """The options as a ``struct chelsea_kv_cluster_params`` (call validated() first: cffi refuses values
+        outside the C types)."""
         p = lib.chelsea_kv_cluster_default_params()
-        p.ratio = self.ratio
-        p.chunk = self.chunk
-        p.n_sink = self.sinks
-        p.n_recent = self.recent
-        p.interval = self.interval
-        p.max_passes = self.max_passes
-        p.pass_fraction = self.pass_fraction
-        p.log_bias = self.bias
-        p.match_values = self.match_values
-        p.random_pairs = self.random_pairs
-        p.seed = self.seed
+        for o in OPTIONS:
+            setattr(p, o.c_name, getattr(self, o.name))
         return p
 
 
-def default_options() -> ClusterOptions:
-    p = lib.chelsea_kv_cluster_default_params()
-    return ClusterOptions(ratio=round(p.ratio, 6), chunk=p.chunk, sinks=p.n_sink, recent=p.n_recent,
-                          interval=p.interval, max_passes=p.max_passes, pass_fraction=round(p.pass_fraction, 6),
-                          bias=bool(p.log_bias), match_values=bool(p.match_values),
-                          random_pairs=bool(p.random_pairs), seed=p.seed)
+@dataclass(frozen=True)
+class OptionSpec:
+    """One clustering option as the ClusterOptions field declares it."""
 
+    name: str          # the ClusterOptions field
+    c_name: str        # its field in struct chelsea_kv_cluster_params
+    doc: str
+    default: Any       # the C library's
+    flag: str | None   # chelsea-run / chelsea-server flag, if any
+    flag_help: str | None
+
+    @property
+    def keyword(self) -> str:
+        """The Llama keyword, kv_cluster_<name>."""
+        return KEYWORD_PREFIX + self.name
+
+    @property
+    def c_type(self) -> str:
+        return _C_TYPES[self.c_name]
+
+
+OPTIONS: tuple[OptionSpec, ...] = tuple(
+    OptionSpec(name=f.name, c_name=f.metadata["c_name"], doc=f.metadata["doc"], default=f.default,
+               flag=f.metadata["flag"], flag_help=f.metadata["flag_help"])
+    for f in dataclasses.fields(ClusterOptions))
+_BY_C_NAME = {o.c_name: o for o in OPTIONS}
 
 # Llama's kv_cluster_* keywords and the ClusterOptions fields they set
-KEYWORD_FIELDS = {"kv_cluster_ratio": "ratio", "kv_cluster_chunk": "chunk", "kv_cluster_sinks": "sinks",
-                  "kv_cluster_recent": "recent", "kv_cluster_interval": "interval", "kv_cluster_bias": "bias",
-                  "kv_cluster_max_passes": "max_passes", "kv_cluster_pass_fraction": "pass_fraction",
-                  "kv_cluster_match_values": "match_values", "kv_cluster_random_pairs": "random_pairs",
-                  "kv_cluster_seed": "seed"}
+KEYWORD_FIELDS: dict[str, str] = {o.keyword: o.name for o in OPTIONS}
 
 
-def options_from_keywords(keywords: Mapping[str, Any]) -> ClusterOptions:
-    """The C library's defaults, overridden by the kv_cluster_* keywords given (None keeps the default)."""
+def _check_c_type(label: str, option: OptionSpec, value: Any) -> None:
+    """What C cannot check once the value is converted: its Python type, and an integer's C range."""
+    if option.c_type == "_Bool":
+        if not isinstance(value, bool):
+            raise ValueError(f"{label}: expected a bool, got {value!r}")
+    elif option.c_type == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{label}: expected a number, got {value!r}")
+    else:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{label}: expected an integer, got {value!r}")
+        lo, hi = _C_INT_RANGES[option.c_type]
+        if not lo <= value <= hi:
+            raise ValueError(f"{label}: {value} is out of range ({lo} .. {hi})")
+
+
+def _c_check(params: Any) -> str:
+    """The C library's verdict on params: "" if valid, else its message (starting with the C field's name)."""
+    check = getattr(lib, "chelsea_kv_cluster_params_check", None)
+    if check is None:  # TRANSITIONAL, until the rebuilt library has it: chelsea_kv_cluster_enable checks the same
+        return ""
+    err = ffi.new("char[]", 512)
+    if check(ffi.new("struct chelsea_kv_cluster_params *", params), err, 512) != 0:
+        return ffi.string(err).decode()
+    return ""
+
+
+def _named(message: str, label: Callable[[OptionSpec], str]) -> str:
+    """A C message starting with a C field name ("n_recent: -4 is ...") with the option's name in its place."""
+    m = re.match(r"\w+", message)
+    option = _BY_C_NAME.get(m.group(0)) if m else None
+    return label(option) + message[m.end():] if option and m else f"kv_cluster: {message}"
+
+
+def default_options() -> ClusterOptions:
+    """The C library's defaults."""
+    return ClusterOptions()
+
+
+def keywords_doc() -> str:
+    """The kv_cluster_* keywords, their defaults and meanings, one a line (for docstrings and help)."""
+    return "\n".join(f"{o.keyword} (default {o.default}): {o.doc}" for o in OPTIONS)
+
+
+ClusterOptions.__doc__ = f"{ClusterOptions.__doc__}\n\n" + "\n".join(
+    f"{o.name} (default {o.default}, C {o.c_name}): {o.doc}" for o in OPTIONS)
+
+
+def options_from_keywords(keywords: Mapping[str, Any],
+                          label: Callable[[OptionSpec], str] | None = None) -> ClusterOptions:
+    """The C library's defaults, overridden by the kv_cluster_* keywords given (None keeps the default);
+    TypeError for an unknown keyword, ValueError naming the option (as `label` calls it) for a bad value."""
     unknown = sorted(set(keywords) - set(KEYWORD_FIELDS))
     if unknown:
-        raise TypeError(f"unknown KV-cluster keyword(s): {', '.join(unknown)} "
-                        f"(known: {', '.join(KEYWORD_FIELDS)})")
+        raise TypeError(f"unknown keyword(s): {', '.join(unknown)} "
+                        f"(the KV-cluster keywords are: {', '.join(KEYWORD_FIELDS)})")
     chosen = {KEYWORD_FIELDS[k]: v for k, v in keywords.items() if v is not None}
-    return dataclasses.replace(default_options(), **chosen).validated()
+    return dataclasses.replace(default_options(), **chosen).validated(label)
 
 
 def enable(ctx: Any, options: ClusterOptions) -> None:
@@ -137,6 +221,21 @@ def read_stats(ctx: Any, seq_id: int = 0) -> ClusterStats:
     return ClusterStats(tokens=raw.tokens, cells=raw.cells, passes=raw.passes, compressions=raw.compressions,
                         time_ms=raw.t_ms, pos_merged_min=raw.pos_merged_min, pos_merged_max=raw.pos_merged_max,
                         nonfinite=raw.nonfinite)
+
+
+def kv_cluster_stats(ctx: Any, options: ClusterOptions | None) -> dict[str, Any]:
+    """Clustering of sequence 0: tokens represented, cells, passes, compressions, time_ms, compression (tokens per
+    cell), nonfinite (cache slices holding NaN/Inf that compression found: the model's output is broken) and the
+    real KV allocation in MiB (kv_mib). Raises if clustering is off (options None)."""
+    require_clustering(options)
+    stats = read_stats(ctx, 0).as_dict()
+    stats["kv_mib"] = read_kv_stats(ctx, 0).kv_mib
+    return stats
+
+
+def require_clustering(options: ClusterOptions | None) -> None:
+    if options is None:
+        raise RuntimeError("kv_cluster is off for this Llama")
 
 
 def cell_positions(ctx: Any, seq_id: int = 0) -> list[int]:

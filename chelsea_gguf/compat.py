@@ -29,9 +29,9 @@ import numpy as np
 
 from chelsea_gguf import cluster
 from chelsea_gguf._lib import ffi, lib, library_dir, take_back_log
-from chelsea_gguf.kv import read_kv_stats
 
-__all__ = ["LLAMA_CPP_PYTHON_VERSION", "CompatError", "install", "set_cluster_defaults", "kv_cluster_stats"]
+__all__ = ["LLAMA_CPP_PYTHON_VERSION", "CompatError", "install", "set_cluster_defaults", "kv_cluster_stats",
+           "llama_cpp_library"]
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 INSTALL_COMMAND = ('CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" '
@@ -60,8 +60,18 @@ def _same_library(llama_cpp_lib: ctypes.CDLL) -> bool:
     return ours._handle == llama_cpp_lib._handle
 
 
+def _ctypes_library(module: ModuleType) -> ctypes.CDLL:
+    """llama_cpp.llama_cpp's handle on the libllama it loaded (a private name of llama-cpp-python 0.3.36)."""
+    return module._lib  # type: ignore[attr-defined,no-any-return]
+
+
+def llama_cpp_library() -> Path:
+    """The libllama file ``llama_cpp``'s bindings run on (after install(): this package's)."""
+    return Path(_ctypes_library(sys.modules["llama_cpp.llama_cpp"])._name)
+
+
 def _check_loaded(module: ModuleType) -> None:
-    handle: ctypes.CDLL = module._lib  # type: ignore[attr-defined]
+    handle = _ctypes_library(module)
     if not _same_library(handle):
         raise CompatError(
             f"llama_cpp was already imported with its own libllama ({handle._name}); chelsea_gguf.compat must be "
@@ -112,10 +122,7 @@ def _log_like_llama_cpp(level: int, message: str) -> None:
 def set_cluster_defaults(**keywords: Any) -> None:
     """Clustering keywords for every ``llama_cpp.Llama(...)`` that gives none of its own (chelsea-server uses
     this, since llama_cpp.server constructs the model itself). Validated now; no keywords: back to stock."""
-    unknown = sorted(set(keywords) - set(CLUSTER_KEYWORDS))
-    if unknown:
-        raise TypeError(f"set_cluster_defaults: unknown keyword(s) {', '.join(unknown)}")
-    _cluster_options(keywords)
+    _cluster_options(keywords)  # TypeError for an unknown keyword
     _cluster_defaults.clear()
     _cluster_defaults.update(keywords)
 
@@ -142,18 +149,14 @@ def _n_ctx_train(model_path: str) -> int:
 
 
 def _context_pointer(llm: Any) -> Any:
-    return ffi.cast("struct llama_context *", ctypes.cast(llm._ctx.ctx, ctypes.c_void_p).value)
+    return ffi.cast("struct llama_context *", ctypes.cast(llm.ctx, ctypes.c_void_p).value)
 
 
 def kv_cluster_stats(llm: Any) -> dict[str, Any]:
-    """Clustering of sequence 0 of a ``llama_cpp.Llama``: tokens, cells, passes, compressions, time_ms,
-    compression, and the KV allocation in MiB (also available as ``llm.kv_cluster_stats()``)."""
-    if getattr(llm, "kv_cluster_options", None) is None:
-        raise RuntimeError("kv_cluster is off for this Llama")
-    ctx = _context_pointer(llm)
-    stats = cluster.read_stats(ctx, 0).as_dict()
-    stats["kv_mib"] = read_kv_stats(ctx, 0).kv_mib
-    return stats
+    return cluster.kv_cluster_stats(_context_pointer(llm), getattr(llm, "kv_cluster_options", None))
+
+
+kv_cluster_stats.__doc__ = f"Of a ``llama_cpp.Llama`` (also ``llm.kv_cluster_stats()``). {cluster.kv_cluster_stats.__doc__}"
 
 
 def _patch_llama_class(cls: type) -> None:

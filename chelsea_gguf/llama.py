@@ -76,6 +76,9 @@ class Llama:
 
     Keyword names and defaults follow ``llama_cpp.Llama``. ``model_path=None`` uses the default model
     (SmolLM2-135M-Instruct Q4_1); a known model name such as ``"gemma3-270m"`` fetches that model.
+
+    ``kv_cluster=True`` clusters the KV cache online; the ``kv_cluster_<field>`` keywords set the fields of
+    :class:`chelsea_gguf.cluster.ClusterOptions` (None or absent: the C library's default):
     """
 
     def __init__(
@@ -98,17 +101,7 @@ class Llama:
         chat_format: str | None = None,
         verbose: bool = True,
         kv_cluster: bool = False,
-        kv_cluster_ratio: float | None = None,
-        kv_cluster_chunk: int | None = None,
-        kv_cluster_sinks: int | None = None,
-        kv_cluster_recent: int | None = None,
-        kv_cluster_interval: int | None = None,
-        kv_cluster_bias: bool | None = None,
-        kv_cluster_max_passes: int | None = None,
-        kv_cluster_pass_fraction: float | None = None,
-        kv_cluster_match_values: bool | None = None,
-        kv_cluster_random_pairs: bool | None = None,
-        kv_cluster_seed: int | None = None,
+        **kv_cluster_options: Any,
     ) -> None:
         self._model = ffi.NULL
         self._ctx = ffi.NULL
@@ -131,13 +124,7 @@ class Llama:
         kv_type_v = parse_kv_type(type_v, "type_v")
         if not isinstance(kv_cluster, bool):
             raise ValueError(f"kv_cluster: expected a bool, got {kv_cluster!r}")
-        cluster_options = cluster.options_from_keywords({
-            "kv_cluster_ratio": kv_cluster_ratio, "kv_cluster_chunk": kv_cluster_chunk,
-            "kv_cluster_sinks": kv_cluster_sinks, "kv_cluster_recent": kv_cluster_recent,
-            "kv_cluster_interval": kv_cluster_interval, "kv_cluster_bias": kv_cluster_bias,
-            "kv_cluster_max_passes": kv_cluster_max_passes, "kv_cluster_pass_fraction": kv_cluster_pass_fraction,
-            "kv_cluster_match_values": kv_cluster_match_values, "kv_cluster_random_pairs": kv_cluster_random_pairs,
-            "kv_cluster_seed": kv_cluster_seed})
+        cluster_options = cluster.options_from_keywords(kv_cluster_options)
         if chat_format is not None and not isinstance(chat_format, str):
             raise ValueError(f"chat_format: expected a template name such as 'chatml', got {chat_format!r}")
 
@@ -278,6 +265,24 @@ class Llama:
     def n_tokens(self) -> int:
         """Tokens of sequence 0 currently in the context."""
         return len(self._tokens)
+
+    @property
+    def ctx(self) -> Any:
+        """The ``struct llama_context *`` (cffi), for calls into the C API (llama_cpp.Llama.ctx's name)."""
+        self._require_open()
+        return self._ctx
+
+    @property
+    def model(self) -> Any:
+        """The ``struct llama_model *`` (cffi), for calls into the C API (llama_cpp.Llama.model's name)."""
+        self._require_open()
+        return self._model
+
+    @property
+    def input_ids(self) -> tuple[int, ...]:
+        """The tokens of sequence 0 evaluated in the context, in order (llama_cpp.Llama.input_ids' name; here only
+        the tokens held, read-only)."""
+        return tuple(self._tokens)
 
     # ------------------------------------------------------------------ tokens
 
@@ -574,21 +579,15 @@ class Llama:
         return read_kv_stats(self._ctx, 0)
 
     def kv_cluster_stats(self) -> dict[str, Any]:
-        """Clustering of sequence 0: tokens represented, cells, passes, compressions, time_ms, compression
-        (tokens per cell), nonfinite (cache slices holding NaN/Inf that compression found: the model's output
-        is broken) and the real KV allocation in MiB. Raises if clustering is off."""
         self._require_open()
-        if self.kv_cluster_options is None:
-            raise RuntimeError("kv_cluster is off for this Llama")
-        stats = cluster.read_stats(self._ctx, 0).as_dict()
-        stats["kv_mib"] = self.kv_stats().kv_mib
-        return stats
+        return cluster.kv_cluster_stats(self._ctx, self.kv_cluster_options)
+
+    kv_cluster_stats.__doc__ = cluster.kv_cluster_stats.__doc__
 
     def kv_cluster_compress(self) -> int:
         """Compress sequence 0 down to its budget now; returns the cells removed."""
         self._require_open()
-        if self.kv_cluster_options is None:
-            raise RuntimeError("kv_cluster is off for this Llama")
+        cluster.require_clustering(self.kv_cluster_options)
         return int(lib.chelsea_kv_cluster_compress(self._ctx, 0))
 
 
@@ -628,3 +627,7 @@ def reject_unsupported(extra: dict[str, Any]) -> None:
         if name in _NEUTRAL_VALUES and value in _NEUTRAL_VALUES[name]:
             continue
         raise ValueError(f"{name}={value!r}: not supported by chelsea_gguf.Llama")
+
+
+Llama.__doc__ = f"{(Llama.__doc__ or '').rstrip()}\n" + "\n".join(
+    f"    {line}" for line in cluster.keywords_doc().splitlines())

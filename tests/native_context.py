@@ -15,6 +15,23 @@ DEFAULT_OPTIONS = ClusterOptions(ratio=0.25)
 N_BATCH = 512
 
 
+def decode(ctx: Any, batch: Any, seq: int, tokens: list[int], pos: int) -> int:
+    """Decode tokens into sequence seq at positions pos, pos + 1, ... (N_BATCH at a time, logits for the last of
+    each batch) through the C API alone; returns the position after the last."""
+    for start in range(0, len(tokens), N_BATCH):
+        chunk = tokens[start:start + N_BATCH]
+        for i, tok in enumerate(chunk):
+            batch.token[i] = tok
+            batch.pos[i] = pos + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = i == len(chunk) - 1
+        batch.n_tokens = len(chunk)
+        assert lib.llama_decode(ctx, batch) == 0
+        pos += len(chunk)
+    return pos
+
+
 class NativeContext:
     """A llama_context with n_seq_max sequences on a loaded model, clustered, fed token by token list.
 
@@ -32,7 +49,7 @@ class NativeContext:
         params.kv_unified = unified
         params.n_outputs_max = n_outputs_max
         params.n_threads = params.n_threads_batch = 2
-        self.ctx = lib.llama_init_from_model(llm._model, params)
+        self.ctx = lib.llama_init_from_model(llm.model, params)
         assert self.ctx != ffi.NULL
         enable(self.ctx, options)
         self.mem = lib.llama_get_memory(self.ctx)
@@ -46,18 +63,7 @@ class NativeContext:
         lib.llama_free(self.ctx)
 
     def feed(self, seq: int, tokens: list[int]) -> None:
-        for start in range(0, len(tokens), N_BATCH):
-            chunk = tokens[start:start + N_BATCH]
-            pos = self.next_pos.get(seq, 0)
-            for i, tok in enumerate(chunk):
-                self.batch.token[i] = tok
-                self.batch.pos[i] = pos + i
-                self.batch.n_seq_id[i] = 1
-                self.batch.seq_id[i][0] = seq
-                self.batch.logits[i] = i == len(chunk) - 1
-            self.batch.n_tokens = len(chunk)
-            assert lib.llama_decode(self.ctx, self.batch) == 0
-            self.next_pos[seq] = pos + len(chunk)
+        self.next_pos[seq] = decode(self.ctx, self.batch, seq, tokens, self.next_pos.get(seq, 0))
         self.last_logits[seq] = np.frombuffer(
             ffi.buffer(lib.llama_get_logits_ith(self.ctx, -1), 4 * self.n_vocab), dtype=np.float32).copy()
 

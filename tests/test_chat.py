@@ -29,6 +29,6 @@ def test_chat_streaming_matches(llm: Llama) -> None:
 def test_explicit_chat_format(llm: Llama) -> None:
     from chelsea_gguf.chat import format_chat_prompt
 
-    prompt = format_chat_prompt(llm._model, MESSAGES, "chatml")
+    prompt = format_chat_prompt(llm.model, MESSAGES, "chatml")
     assert prompt.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>")
     assert prompt.endswith("<|im_start|>assistant\n")

@@ -45,7 +45,7 @@ def clustered(model_path: Path) -> Iterator["llama_cpp.Llama"]:
 
 
 def test_llama_cpp_runs_on_our_library() -> None:
-    assert Path(llama_cpp.llama_cpp._lib._name).resolve().parent == library_dir().resolve()
+    assert compat.llama_cpp_library().resolve().parent == library_dir().resolve()
     assert compat.install() is llama_cpp  # idempotent
 
 

@@ -94,7 +94,7 @@ def test_invalid_chat_messages(llm: Llama) -> None:
     with pytest.raises(ValueError, match=r"messages\[0\]"):
         llm.create_chat_completion([{"role": "robot", "content": "hi"}])
     with pytest.raises(ValueError, match="chat_format"):
-        format_chat_prompt(llm._model, [{"role": "user", "content": "hi"}], "no-such-template")
+        format_chat_prompt(llm.model, [{"role": "user", "content": "hi"}], "no-such-template")
 
 
 def test_closed_model_raises(model_path: Path) -> None:

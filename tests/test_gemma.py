@@ -38,7 +38,7 @@ def test_gemma_generates_deterministically(gemma: Llama) -> None:
 
 
 def test_gemma_without_template_uses_its_family_template(gemma: Llama) -> None:
-    prompt = format_chat_prompt(gemma._model, [{"role": "user", "content": "Hi"}])
+    prompt = format_chat_prompt(gemma.model, [{"role": "user", "content": "Hi"}])
     assert prompt.startswith("<start_of_turn>user\nHi<end_of_turn>")
 
 

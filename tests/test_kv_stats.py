@@ -11,9 +11,9 @@ Q8_0_BLOCK_BYTES = 34
 
 
 def kv_row_elements(llm: Llama) -> tuple[int, int]:
-    n_layer = lib.llama_model_n_layer(llm._model)
-    head_dim = lib.llama_model_n_embd(llm._model) // lib.llama_model_n_head(llm._model)
-    return n_layer, head_dim * lib.llama_model_n_head_kv(llm._model)
+    n_layer = lib.llama_model_n_layer(llm.model)
+    head_dim = lib.llama_model_n_embd(llm.model) // lib.llama_model_n_head(llm.model)
+    return n_layer, head_dim * lib.llama_model_n_head_kv(llm.model)
 
 
 def test_stats_match_model_shape(llm: Llama) -> None:

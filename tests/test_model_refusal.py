@@ -47,7 +47,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def last_logits(llm: Llama) -> np.ndarray:
-    ptr = lib.llama_get_logits_ith(llm._ctx, -1)
+    ptr = lib.llama_get_logits_ith(llm.ctx, -1)
     return np.frombuffer(ffi.buffer(ptr, 4 * llm.n_vocab()), dtype=np.float32).copy()
 
 

@@ -27,6 +27,8 @@ from chelsea_gguf.cluster import cell_positions, cluster_sizes
 from chelsea_gguf.passkey import FILLER
 from chelsea_gguf.sampling import Sampler, SamplingParams
 
+from native_context import N_BATCH, decode
+
 pytestmark = pytest.mark.slow
 
 STEPS = int(os.environ.get("CHELSEA_SOAK_STEPS", "2000"))
@@ -56,7 +58,7 @@ def check_invariants(llm: Llama, n_layers: int, buffer_bytes: int, n_cells_alloc
     budget = max(math.ceil(RATIO * tokens), SINKS + RECENT + 2)
     assert n <= budget + INTERVAL + 1, f"{n} cells for {tokens} tokens (budget {budget} + {INTERVAL})"
     assert kv.n_cells_used == kv.n_cells_span == n
-    pos = cell_positions(llm._ctx)
+    pos = cell_positions(llm.ctx)
     assert len(pos) == n_cells_alloc
     assert all(p == -1 for p in pos[n:])
     assert pos[0] >= 0 and all(a < b for a, b in zip(pos[:n], pos[1:n])), "positions not strictly increasing"
@@ -64,7 +66,7 @@ def check_invariants(llm: Llama, n_layers: int, buffer_bytes: int, n_cells_alloc
     assert pos[n - RECENT:n] == list(range(tokens - RECENT, tokens)), "recent tokens moved"
     assert pos[n - 1] == tokens - 1
     for layer in range(n_layers):
-        for head in cluster_sizes(llm._ctx, layer, n_cells_alloc):
+        for head in cluster_sizes(llm.ctx, layer, n_cells_alloc):
             live = head[:n]
             assert min(live) >= 1.0, f"layer {layer}: a cluster size below 1"
             assert sum(live) == pytest.approx(tokens, abs=1e-3), f"layer {layer}: sizes do not sum to tokens"
@@ -82,12 +84,13 @@ def test_soak_many_compressions(model_path: Path) -> None:
         prompt_tokens = llm.tokenize(prompt)
         assert len(prompt_tokens) + STEPS + 8 <= llm.n_ctx()
         kv0 = llm.kv_stats()
-        n_layers = lib.llama_model_n_layer(llm._model)
+        n_layers = lib.llama_model_n_layer(llm.model)
         buffer_bytes, n_cells_alloc = kv0.buffer_bytes, kv0.n_cells
         assert n_cells_alloc < llm.n_ctx()   # a real reduced allocation
 
         sampler = Sampler(SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=1234), llm.n_vocab())
         rng = random.Random(99)
+        batch = lib.llama_batch_init(N_BATCH, 0, 1)
         try:
             llm.eval(prompt_tokens)
             llm.kv_cluster_compress()   # as generation does: start within budget
@@ -97,19 +100,19 @@ def test_soak_many_compressions(model_path: Path) -> None:
             rollbacks = 0
             stats = None
             for step in range(1, STEPS + 1):
-                token = sampler.sample(llm._ctx)
+                token = sampler.sample(llm.ctx)
                 llm.eval([token])
                 if step % ROLLBACK_EVERY == 0:
                     # the tail is within the recent window, never merged: removal must succeed and be exact
+                    # (through the C API: evaluated again at the same positions, the tokens of llm stay right)
                     k = rng.randint(1, 6)
-                    tail = llm._tokens[-k:]
-                    mem = lib.llama_get_memory(llm._ctx)
+                    tail = list(llm.input_ids[-k:])
+                    mem = lib.llama_get_memory(llm.ctx)
                     before = llm.kv_cluster_stats()
                     assert lib.llama_memory_seq_rm(mem, 0, llm.n_tokens - k, -1)
-                    del llm._tokens[-k:]
                     after = llm.kv_cluster_stats()
                     assert after["tokens"] == before["tokens"] - k and after["cells"] == before["cells"] - k
-                    llm.eval(tail)
+                    decode(llm.ctx, batch, 0, tail, llm.n_tokens - k)
                     rollbacks += 1
                 if step % CHECK_EVERY == 0 or step == STEPS:
                     stats = check_invariants(llm, n_layers, buffer_bytes, n_cells_alloc)
@@ -119,6 +122,7 @@ def test_soak_many_compressions(model_path: Path) -> None:
                             rss_start = rss
                         rss_peak = max(rss_peak, rss)
         finally:
+            lib.llama_batch_free(batch)
             sampler.close()
 
         assert stats is not None and stats["tokens"] == len(prompt_tokens) + STEPS
