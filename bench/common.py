@@ -8,63 +8,29 @@ import os
 import platform
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from chelsea_gguf import Llama
-from chelsea_gguf.baselines import ContextShift, Session, StreamingEviction
-from chelsea_gguf.cluster import default_options
+
+from baselines import Session
+from methods import (FULL, N_BATCH, RANDOM_SEED, Chelsea, Eviction, KeyDiff, Knorm, Method, RandomMerge, Shift,
+                     Streaming, chelsea, chelsea_cells, context_shift, full_quantized, keydiff, knorm, random_merge,
+                     streaming)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-N_BATCH = 256   # prompt chunk for every method: Chelsea compresses between chunks, baselines evict between them
-
-
-@dataclass(frozen=True)
-class Method:
-    """A KV-cache configuration. kind: full | chelsea | random | streaming | shift (baselines use Chelsea's cells
-    at R; random is Chelsea's machinery merging random pairs instead of similar ones)."""
-
-    name: str
-    kind: str = "full"
-    ratio: float = 1.0
-    bias: bool = True
-    type_kv: str | None = None      # None: f16
-    match_values: bool = True       # False: pair cells by keys alone (the paper's matching; ablation)
-    extra: dict[str, Any] = field(default_factory=dict)  # more Llama keywords (kv_cluster_recent=...)
-
-    def llama_kwargs(self) -> dict[str, Any]:
-        kw: dict[str, Any] = {}
-        if self.type_kv:
-            kw.update(type_k=self.type_kv, type_v=self.type_kv)
-            # llama.cpp needs flash attention for a quantized V cache
-            kw["flash_attn"] = True
-        if self.kind in ("chelsea", "random"):
-            kw.update(kv_cluster=True, kv_cluster_ratio=self.ratio, kv_cluster_bias=self.bias,
-                      kv_cluster_match_values=self.match_values)
-        if self.kind == "random":
-            kw.update(kv_cluster_random_pairs=True, kv_cluster_seed=RANDOM_SEED)
-        kw.update(self.extra)
-        return kw
-
-
-def chelsea(ratio: float, bias: bool = True, type_kv: str | None = None, match_values: bool = True) -> Method:
-    name = (f"chelsea R={ratio:g}" + ("" if bias else " no-bias") + ("" if match_values else " keys-only")
-            + (f" {type_kv}" if type_kv else ""))
-    return Method(name, "chelsea", ratio, bias, type_kv, match_values)
-
-
-FULL = Method("full f16")
 RATIOS = (0.5, 0.25, 0.2, 0.1)
-RANDOM_SEED = 1
+__all__ = ["FULL", "N_BATCH", "RANDOM_SEED", "RATIOS", "RESULTS", "Chelsea", "Eviction", "KeyDiff", "Knorm", "Method",
+           "RandomMerge", "Shift", "Streaming", "budget_methods", "chelsea", "chelsea_cells", "context_shift",
+           "full_quantized", "keydiff", "knorm", "new_session", "open_method", "random_merge", "streaming"]
 
 
 def budget_methods(ratios: tuple[float, ...] = RATIOS) -> list[Method]:
     """Chelsea at each R, and at each R the baselines with the same physical cells."""
     out: list[Method] = []
     for r in ratios:
-        out += [chelsea(r), chelsea(r, bias=False), chelsea(r, match_values=False), Method(f"random merge R={r:g}", "random", r),
-                Method(f"streaming R={r:g}", "streaming", r), Method(f"context shift R={r:g}", "shift", r)]
+        out += [chelsea(r), chelsea(r, bias=False), chelsea(r, match_values=False), random_merge(r), streaming(r),
+                context_shift(r)]
     return out
 
 
@@ -79,31 +45,14 @@ def only_methods(methods: list[Method], only: str | None) -> list[Method]:
     return chosen
 
 
-def chelsea_cells(ratio: float, n_ctx: int) -> int:
-    """Physical cells Chelsea allocates at ratio R for a logical context n_ctx (the baselines get the same)."""
-    from dataclasses import replace
-
-    return replace(default_options(), ratio=ratio).physical_cells(n_ctx, N_BATCH)
-
-
 def open_method(method: Method, n_ctx: int, model_path: str | None = None, n_threads: int | None = None) -> Llama:
-    """A Llama for `method` that can take n_ctx tokens of one sequence: the baselines get the physical cells
-    Chelsea would allocate at their R, and make room by evicting (see ``new_session``)."""
-    if method.kind in ("streaming", "shift"):
-        n_ctx = chelsea_cells(method.ratio, n_ctx)
-    return Llama(model_path, n_ctx=n_ctx, n_batch=N_BATCH, n_threads=n_threads, verbose=False,
-                 **method.llama_kwargs())
+    """``method.open``: a Llama that can take n_ctx tokens of one sequence with this method."""
+    return method.open(n_ctx, model_path, n_threads)
 
 
 def new_session(llm: Llama, method: Method, n_ctx: int) -> Session:
-    """A fresh session (cleared cache); eviction policies are stateful, so each session gets a new one."""
-    if method.kind in ("streaming", "shift"):
-        opts = default_options()
-        cls = StreamingEviction if method.kind == "streaming" else ContextShift
-        # the cells allocated: those Chelsea requests at this R (budget plus one prompt chunk), padded by
-        # llama.cpp as Chelsea's are, and Chelsea fills its buffer too before it merges
-        return Session(llm, cls(llm.n_cells(), opts.sinks))
-    return Session(llm)
+    """``method.session``: a fresh session (cleared cache) on a context the method opened."""
+    return method.session(llm, n_ctx)
 
 
 def reference_text() -> str:

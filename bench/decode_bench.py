@@ -31,10 +31,10 @@ from typing import Any
 from chelsea_gguf import Llama
 from chelsea_gguf.sampling import SamplingParams
 
-from common import FULL, N_BATCH, RESULTS, Method, chelsea, document_tokens, provenance, write_json
+from common import FULL, N_BATCH, RESULTS, Method, chelsea, full_quantized, document_tokens, provenance, write_json
 
 CONFIGS: dict[str, Method] = {m.name: m for m in [
-    FULL, Method("full q8_0", type_kv="q8_0"), Method("full q4_0", type_kv="q4_0"),
+    FULL, full_quantized("q8_0"), full_quantized("q4_0"),
     chelsea(0.5), chelsea(0.25), chelsea(0.2), chelsea(0.1), chelsea(0.2, type_kv="q8_0")]}
 PLANS: dict[str, tuple[list[int], list[str]]] = {
     "smollm2": ([2048, 4096, 8192], list(CONFIGS)),

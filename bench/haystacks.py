@@ -41,6 +41,7 @@ HAYSTACKS = ("prose", "sentences", "code")
 NEEDLE_KINDS = ("number", "word", "fact")
 DEPTHS = (0.05, 0.15, 0.25, 0.4, 0.5, 0.6, 0.75, 0.85, 0.95)   # three per depth band (0-33, 33-66, 66-100%)
 QUICK_DEPTHS = (0.5,)
+MIN_DEPTH, MAX_DEPTH = 0.05, 0.95
 BANDS = ((0.0, 1 / 3, "0-33%"), (1 / 3, 2 / 3, "33-66%"), (2 / 3, 1.0001, "66-100%"))
 LICENSES = Path("/usr/share/common-licenses")
 
@@ -345,11 +346,13 @@ def needle_piece(haystack: str, needle: Needle, following: str) -> str:
 
 def fit_pieces(haystack: str, rng: random.Random, length: int, count_tokens: CountTokens) -> list[str]:
     """Pieces whose text is about `length` tokens (a little under, never over by more than a piece)."""
-    pieces = haystack_pieces(haystack, rng, int(length * 5.5) + 400)   # English and code: 2.5-4.5 chars a token
+    state = rng.getstate()
+    n_chars = int(length * 5.5) + 400   # English and code: 2.5-4.5 characters a token
+    while count_tokens("".join(pieces := haystack_pieces(haystack, rng, n_chars))) < length:
+        rng.setstate(state)             # the same text, longer
+        n_chars *= 2
     # the shortest prefix of at least `length` tokens (binary search)
     lo, hi = 1, len(pieces)
-    if count_tokens("".join(pieces[:hi])) < length:
-        raise ValueError(f"{haystack}: could not reach {length} tokens")
     while lo < hi:
         mid = (lo + hi) // 2
         if count_tokens("".join(pieces[:mid])) < length:
@@ -372,8 +375,10 @@ def insert_needle(haystack: str, pieces: list[str], needle: Needle, depth: float
             lo = mid + 1
         else:
             hi = mid
-    candidates = [b for b in (lo - 1, lo) if 0 <= b <= len(pieces)]
-    best = min(candidates, key=lambda b: abs(count_tokens("".join(pieces[:b])) - target))
+    share = {b: count_tokens("".join(pieces[:b])) / total for b in (lo - 1, lo) if 0 <= b <= len(pieces)}
+    best = min(share, key=lambda b: abs(share[b] - depth))
+    if not MIN_DEPTH <= share[best] <= MAX_DEPTH and len(share) == 2:
+        best = lo if share[best] < MIN_DEPTH else lo - 1   # the other side of the target stays inside 5-95%
     if haystack == "code" and best > 0 and best < len(pieces) and pieces[best - 1].rstrip().endswith(("\\", ",", "(")):
         best = min(len(pieces), best + 1)   # not inside a continued line (a comment there is still valid)
     following = pieces[best] if best < len(pieces) else ""

@@ -24,9 +24,9 @@ from chelsea_gguf import Llama
 from chelsea_gguf._lib import lib
 from chelsea_gguf.models import gemma3_270m_path, smollm2_path
 
-from common import FULL, RESULTS, Method, chelsea, provenance, write_json
+from common import FULL, RESULTS, Method, chelsea, full_quantized, provenance, write_json
 
-CONFIGS = [FULL, Method("full q8_0", type_kv="q8_0"), chelsea(0.25), chelsea(0.2), chelsea(0.1),
+CONFIGS = [FULL, full_quantized("q8_0"), chelsea(0.25), chelsea(0.2), chelsea(0.1),
            chelsea(0.2, type_kv="q8_0")]
 MODELS = {"SmolLM2-135M-Instruct Q4_1": smollm2_path, "Gemma-3-270M Q4_K_M": gemma3_270m_path}
 

@@ -19,17 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from chelsea_gguf.baselines import log_softmax
+from baselines import log_softmax
 
-from common import (FULL, Method, amend_json, budget_methods, chelsea, document_tokens, new_session, only_methods,
-                    open_method, provenance, write_json)
+from common import FULL, Method, amend_json, budget_methods, chelsea, document_tokens, only_methods, provenance, write_json
 
 
 def method_logprobs(method: Method, tokens: list[int], first: int, threads: int) -> tuple[np.ndarray, int, float]:
     """Log-probabilities of positions first..end-1, cells held at the end, and seconds taken."""
     t0 = time.perf_counter()
-    with open_method(method, len(tokens) + 16, n_threads=threads) as llm:
-        with new_session(llm, method, len(tokens) + 16) as s:
+    with method.open(len(tokens) + 16, n_threads=threads) as llm:
+        with method.session(llm, len(tokens) + 16) as s:
             logits = s.feed(tokens, logits_from=first)
             cells = s.cells_used()
     return log_softmax(logits[:-1]), cells, time.perf_counter() - t0
@@ -55,7 +54,7 @@ def main() -> int:
     methods = budget_methods((0.2,)) if args.quick else [chelsea(0.25)] + budget_methods((0.5, 0.2, 0.1))
     methods = only_methods(methods, args.only)
     t_start = time.time()
-    with open_method(FULL, 16, n_threads=1) as tok_llm:
+    with FULL.open(16, n_threads=1) as tok_llm:
         tokens = document_tokens(tok_llm, n)
     first = n - n_score - 1          # logits of position i predict token i + 1
     targets = np.array(tokens[first + 1:], dtype=np.int64)

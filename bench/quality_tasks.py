@@ -19,8 +19,7 @@ from typing import Any
 from chelsea_gguf import Llama
 from chelsea_gguf.passkey import passkey_prompt
 
-from common import (FULL, Method, amend_json, budget_methods, new_session, only_methods, open_method, provenance,
-                    write_json)
+from common import FULL, Method, amend_json, budget_methods, only_methods, provenance, write_json
 from ruler import GENERATORS, fit_size, make_task
 
 PK_GEN = 8
@@ -30,8 +29,8 @@ def answer(method: Method, prompt_tokens: list[int], n_gen: int, threads: int) -
     """Greedy answer, cells held when it started, seconds."""
     t0 = time.perf_counter()
     n_ctx = len(prompt_tokens) + n_gen + 16
-    with open_method(method, n_ctx, n_threads=threads) as llm:
-        with new_session(llm, method, n_ctx) as s:
+    with method.open(n_ctx, n_threads=threads) as llm:
+        with method.session(llm, n_ctx) as s:
             out = s.greedy(prompt_tokens, n_gen)
             cells = s.cells_used()
         text = llm.detokenize(out).decode("utf-8", errors="replace")
@@ -52,7 +51,7 @@ def task_items(quick: bool) -> list[dict[str, Any]]:
         lengths, depths, ruler_len, seeds, tasks = [768], [0.5], 512, [1], ["multikey"]
     else:
         lengths, depths, ruler_len, seeds, tasks = [1024, 2048], [0.1, 0.5, 0.9], 1024, [1], list(GENERATORS)
-    with open_method(FULL, 16, n_threads=1) as tok_llm:
+    with FULL.open(16, n_threads=1) as tok_llm:
         def count(text: str) -> int:
             return len(tok_llm.tokenize(text))
 

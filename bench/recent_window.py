@@ -27,7 +27,7 @@ import numpy as np
 
 from chelsea_gguf.cluster import default_options
 
-from common import FULL, RESULTS, Method, document_tokens, open_method, provenance, reference_text, write_json
+from common import FULL, RESULTS, Chelsea, Method, Streaming, document_tokens, provenance, reference_text, write_json
 from quality_kld import method_logprobs, score
 from quality_tasks import PK_GEN, answer, passkey_item
 
@@ -44,13 +44,13 @@ SEGMENTS: dict[str, Any] = {"offsets": [0, 30000, 60000, 90000], "recents": {0.2
 def methods_for(recents: dict[float, list[int]]) -> list[Method]:
     out: list[Method] = []
     for r, windows in recents.items():
-        out += [Method(f"chelsea R={r:g} recent={w}", "chelsea", r, extra={"kv_cluster_recent": w}) for w in windows]
-        out.append(Method(f"streaming R={r:g}", "streaming", r))
+        out += [Chelsea(f"chelsea R={r:g} recent={w}", r, extra={"kv_cluster_recent": w}) for w in windows]
+        out.append(Streaming(f"streaming R={r:g}", r))
     return out
 
 
 def recent_of(method: Method) -> int | None:
-    return method.extra.get("kv_cluster_recent") if method.kind == "chelsea" else None
+    return method.extra.get("kv_cluster_recent") if isinstance(method, Chelsea) else None
 
 
 def check_same_cells(methods: list[Method], n_tokens: int) -> None:
@@ -65,7 +65,7 @@ def check_same_cells(methods: list[Method], n_tokens: int) -> None:
 
 
 def passkey_items(n_tokens: int, depths: list[float]) -> list[dict[str, Any]]:
-    with open_method(FULL, 16, n_threads=1) as tok_llm:
+    with FULL.open(16, n_threads=1) as tok_llm:
         return [passkey_item(tok_llm, n_tokens, depth, 5000 + n_tokens + int(depth * 100)) for depth in depths]
 
 
@@ -80,7 +80,7 @@ def run(plan: dict[str, Any], threads: int) -> list[dict[str, Any]]:
     methods = methods_for(plan["recents"])
     n_kld, n_score = plan["kld_tokens"]
     check_same_cells(methods, min(n_kld, plan["pk_tokens"]))
-    with open_method(FULL, 16, n_threads=1) as tok_llm:
+    with FULL.open(16, n_threads=1) as tok_llm:
         tokens = document_tokens(tok_llm, n_kld)
     first, targets, ref = kld_reference(tokens, n_score, threads)
     items = passkey_items(plan["pk_tokens"], plan["depths"])
@@ -107,9 +107,9 @@ def run(plan: dict[str, Any], threads: int) -> list[dict[str, Any]]:
 def run_segments(threads: int) -> list[dict[str, Any]]:
     """KLD of each window against the full cache on several stretches of the text (no passkeys, no eviction)."""
     n, n_score = SEGMENTS["kld_tokens"]
-    methods = [m for m in methods_for(SEGMENTS["recents"]) if m.kind == "chelsea"]
+    methods = [m for m in methods_for(SEGMENTS["recents"]) if isinstance(m, Chelsea)]
     check_same_cells(methods, n)
-    with open_method(FULL, 16, n_threads=1) as tok_llm:
+    with FULL.open(16, n_threads=1) as tok_llm:
         text = tok_llm.tokenize(reference_text())
     rows: list[dict[str, Any]] = []
     for offset in SEGMENTS["offsets"]:

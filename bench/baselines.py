@@ -1,4 +1,4 @@
-"""Per-token logits and the KV-cache baselines Chelsea is compared against (benchmarks, not the product path).
+"""Per-token logits and the eviction baselines Chelsea is compared against (benchmark code, not the package's).
 
 ``Session`` feeds one sequence into a ``Llama``'s context in chunks, straight through ``llama_decode``, and
 returns the logits of every position asked for (``Llama.eval`` keeps only the last one). An optional
@@ -91,7 +91,7 @@ class Session:
     def __init__(self, llm: Llama, policy: EvictionPolicy | None = None, chunk: int | None = None) -> None:
         llm.reset()
         self.llm = llm
-        self.ctx = llm._ctx
+        self.ctx = llm.ctx
         self.mem = lib.llama_get_memory(self.ctx)
         self.n_vocab = llm.n_vocab()
         self.policy = policy
@@ -157,7 +157,7 @@ class Session:
         logits = self.feed(prompt)[-1]
         self.settle()
         out: list[int] = []
-        vocab = self.llm._vocab
+        vocab = lib.llama_model_get_vocab(self.llm.model)
         for _ in range(n_gen):
             tok = int(np.argmax(logits))
             if lib.llama_vocab_is_eog(vocab, tok):
