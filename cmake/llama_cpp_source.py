@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Lay out the pinned, patched llama.cpp source tree for the build.
 
-The tree is the one vendored in the llama-cpp-python sdist pinned in DESIGN.md.  Steps:
+The tree is the one vendored in the llama-cpp-python sdist pinned in docs/design.md.  Steps:
 
 1. obtain the sdist (``pip download --no-deps``) into the download cache, unless a path is given;
 2. check its sha256 -- a wrong archive is a hard error, never a silent fallback;

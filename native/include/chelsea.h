@@ -62,6 +62,13 @@ struct chelsea_kv_cluster_params {
 
 LLAMA_API struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);
 
+// Checks params without a context (the rules chelsea_kv_cluster_enable applies). Returns 0, or -1 with a message
+// in err (if not NULL) that starts with the name of the offending field, "max_passes: 65 is out of range (1 .. 64)".
+LLAMA_API int32_t chelsea_kv_cluster_params_check(
+        const struct chelsea_kv_cluster_params * params,
+        char * err,
+        size_t err_len);
+
 // Enables clustering on the context's attention cache (for sliding-window models: the full-attention
 // layers only). Returns 0, or -1 with a message naming the problem in err (if not NULL).
 LLAMA_API int32_t chelsea_kv_cluster_enable(
@@ -103,6 +110,16 @@ LLAMA_API int32_t chelsea_kv_cluster_cell_positions(
 // Inspection: cluster sizes of cache layer `layer` (0-based among layers with K/V), stream of seq_id,
 // as out[h*n_cells + c] for KV head h and cell c < n_cells. Returns n_head_kv, or -1.
 LLAMA_API int32_t chelsea_kv_cluster_sizes(
+        const struct llama_context * ctx,
+        llama_seq_id seq_id,
+        int32_t layer,
+        float * out,
+        int32_t n_cells);
+
+// Inspection, for benchmarks and tools: the keys of cache layer `layer` (0-based among layers with K/V), stream of
+// seq_id, cells [0, n_cells), dequantized to f32 as out[c*n_embd_k + j]. With or without clustering (for
+// sliding-window models: the full-attention cache). Returns n_embd_k (the width of a key row), or -1.
+LLAMA_API int32_t chelsea_kv_keys(
         const struct llama_context * ctx,
         llama_seq_id seq_id,
         int32_t layer,

@@ -1,4 +1,12 @@
 // chelsea-gguf: state of online KV-cache clustering, owned by a llama_kv_cache (its `chelsea` member).
+//
+// The cache integration is split by job, one file each:
+//   chelsea-kv-params.cpp  the parameters: defaults, their rules, a sequence's budget
+//   chelsea-kv-sizes.cpp   the cluster-size tensors beside K/V, and what resets them
+//   chelsea-kv-hooks.cpp   llama_kv_cache hooks: enable, clear, seq_rm/cp/keep/add/div, the attention bias
+//   chelsea-kv-pass.cpp    compression: when it is due, the passes over a sequence, each pass's graph
+//   chelsea-kv-io.cpp      state save/load of cluster sizes and merge bookkeeping
+//   chelsea-kv-api.cpp     the C API of chelsea.h for clustering
 #pragma once
 
 #include "chelsea.h"
@@ -7,6 +15,7 @@
 #include "llama.h"
 
 #include <random>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -21,6 +30,15 @@ struct chelsea_seq_state {
     uint32_t  keep           = 0;     // that compression stops at this many cells (room for a prompt chunk); 0: budget
     bool      pending        = false; // compress at the next update()
     bool      forced         = false; // compress even if the interval is not reached
+
+    // positions [p0, p1) reach into the merged cells
+    bool merged_in(llama_pos p0, llama_pos p1) const {
+        return n_merged > 0 && p1 > pos_merged_min && p0 <= pos_merged_max;
+    }
+    // positions [p0, p1) hold every merged cell
+    bool merged_within(llama_pos p0, llama_pos p1) const {
+        return p0 <= pos_merged_min && p1 > pos_merged_max;
+    }
 };
 
 struct chelsea_kv_state {
@@ -46,19 +64,32 @@ struct chelsea_kv_state {
 
     std::mt19937 rng; // params.random_pairs: the pairs' draws, from params.seed at clear()
 
-    // the compression pass being run (llama_kv_cache::chelsea_update -> chelsea_run_pass)
-    struct pass_io {
-        // the sequence's cells in position order when they are not packed from cell 0 (other sequences' cells
-        // between them in a unified stream): the pass gathers them and scatters the survivors back; empty: packed
-        std::vector<uint32_t> cells;
-        int64_t nonfinite = 0; // out: region slices (cell, KV head, layer) whose keys or values are not finite
-    } pass;
+    size_t sizes_bytes() const;
 
-    size_t sizes_bytes() const {
-        size_t n = 0;
-        for (const auto & [_, buf] : ctxs_bufs) {
-            n += ggml_backend_buffer_get_size(buf.get());
-        }
-        return n;
-    }
+    // every cell of every stream back to standing for one token
+    void reset_all_sizes() const;
+    // cells idxs (increasing) of stream strm back to standing for one token
+    void reset_cell_sizes(uint32_t strm, const std::vector<uint32_t> & idxs) const;
+    // log_sizes of cells [first, first + count) of stream strm, from their sizes
+    void sync_log_sizes(uint32_t strm, uint32_t first, uint32_t count) const;
+    // any_merged from the sequences' bookkeeping
+    void update_any_merged();
 };
+
+// One compression pass over one sequence: the inputs of llama_kv_cache::chelsea_run_pass.
+struct chelsea_pass {
+    uint32_t strm;     // the stream of the sequence
+    // the sequence's cells in position order when they are not packed from cell 0 (other sequences' cells between
+    // them in a unified stream): the pass gathers them and scatters the survivors back; empty: packed in [0, n)
+    std::vector<uint32_t> cells;
+    uint32_t n;        // cells of the sequence
+    uint32_t c0;       // first cell of the mergeable region (after the sinks and shared cells)
+    uint32_t n_region; // cells of the mergeable region
+    uint32_t n_remove; // cells the pass removes
+};
+
+// "" if params follow the rules, else a message that starts with the offending field's name ("chunk: ...")
+std::string chelsea_params_problem(const chelsea_kv_cluster_params & params);
+
+// cells a sequence of `tokens` tokens may be compressed to: its budget, never below what is protected
+uint32_t chelsea_target_cells(const chelsea_kv_cluster_params & params, int64_t tokens);

@@ -1,0 +1,183 @@
+// chelsea-gguf: the C API of chelsea.h for KV-cache clustering: switching it on, compressing, statistics and
+// inspection.
+
+#include "chelsea-kv.h"
+
+#include "ggml.h"
+#include "llama-context.h"
+#include "llama-kv-cache-iswa.h"
+#include "llama-kv-cache.h"
+#include "llama-memory-hybrid-iswa.h"
+#include "llama-memory-hybrid.h"
+#include "llama-memory-recurrent.h"
+
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+
+// the clustered cache behind a context, and the cache a "compress" or stats call works on
+llama_kv_cache * clusterable_cache(const llama_context * ctx) {
+    llama_memory_i * mem = llama_get_memory(ctx);
+    if (auto * kv = dynamic_cast<llama_kv_cache *>(mem)) {
+        return kv;
+    }
+    if (auto * iswa = dynamic_cast<llama_kv_cache_iswa *>(mem)) {
+        return iswa->get_base();
+    }
+    return nullptr;
+}
+
+// the clustered cache of a context, if clustering is on and seq_id is a sequence of it
+llama_kv_cache * clustered_cache(const llama_context * ctx, llama_seq_id seq_id) {
+    llama_kv_cache * kv = ctx ? clusterable_cache(ctx) : nullptr;
+    if (kv == nullptr || !kv->chelsea || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
+        return nullptr;
+    }
+    return kv;
+}
+
+void set_error(char * err, size_t err_len, const std::string & msg) {
+    if (err != nullptr && err_len > 0) {
+        snprintf(err, err_len, "%s", msg.c_str());
+    }
+}
+
+} // namespace
+
+int32_t chelsea_kv_cluster_enable(llama_context * ctx, const chelsea_kv_cluster_params * params, char * err, size_t err_len) {
+    if (ctx == nullptr || params == nullptr) {
+        set_error(err, err_len, "ctx and params must not be NULL");
+        return -1;
+    }
+    llama_memory_i * mem = llama_get_memory(ctx);
+    if (mem == nullptr) {
+        set_error(err, err_len, "this context has no KV cache");
+        return -1;
+    }
+    if (dynamic_cast<llama_memory_recurrent *>(mem) != nullptr) {
+        set_error(err, err_len, "recurrent models (state-space / RNN memory) have no KV cache to cluster");
+        return -1;
+    }
+    if (dynamic_cast<llama_memory_hybrid *>(mem) != nullptr || dynamic_cast<llama_memory_hybrid_iswa *>(mem) != nullptr) {
+        set_error(err, err_len, "hybrid recurrent/attention models cannot be clustered");
+        return -1;
+    }
+    llama_kv_cache * kv = clusterable_cache(ctx);
+    if (kv == nullptr) {
+        set_error(err, err_len, "this model's memory type cannot be clustered");
+        return -1;
+    }
+    std::string msg;
+    if (!kv->chelsea_enable(*params, msg)) {
+        set_error(err, err_len, msg);
+        return -1;
+    }
+    if (params->log_bias) {
+        // merged cells make attention add a per-head mask, which the reserve at context creation did not see:
+        // size the compute buffers for it now rather than growing them at the first merge
+        bool reserved = true;
+        std::string reserve_err;
+        kv->chelsea->reserving = true;
+        try {
+            ctx->chelsea_reserve();
+        } catch (const std::exception & e) {
+            reserved = false;
+            reserve_err = e.what();
+        }
+        kv->chelsea->reserving = false;
+        if (!reserved) {
+            set_error(err, err_len, "clustering is on, but its compute buffers could not be reserved: " + reserve_err);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int32_t chelsea_kv_cluster_compress(llama_context * ctx, llama_seq_id seq_id) {
+    llama_kv_cache * kv = clustered_cache(ctx, seq_id);
+    if (kv == nullptr) {
+        return -1;
+    }
+    auto & seq = kv->chelsea->seqs[seq_id];
+    const int64_t before = seq.n_merged;
+    seq.forced = true;
+    ctx->memory_update(false);
+    seq.forced = false;
+    return (int32_t) (seq.n_merged - before);
+}
+
+int32_t chelsea_kv_cluster_seq_stats_get(const llama_context * ctx, llama_seq_id seq_id, chelsea_kv_cluster_seq_stats * out) {
+    const llama_kv_cache * kv = clustered_cache(ctx, seq_id);
+    if (kv == nullptr || out == nullptr) {
+        return -1;
+    }
+    const auto & seq = kv->chelsea->seqs[seq_id];
+    const int64_t cells = (int64_t) kv->get_cells(seq_id).seq_pos_get(seq_id).size();
+    out->tokens         = cells + seq.n_merged;
+    out->cells          = (int32_t) cells;
+    out->passes         = seq.passes;
+    out->compressions   = seq.compressions;
+    out->t_ms           = seq.t_ms;
+    out->pos_merged_min = seq.pos_merged_min;
+    out->pos_merged_max = seq.pos_merged_max;
+    out->nonfinite      = seq.nonfinite;
+    return 0;
+}
+
+int32_t chelsea_kv_cluster_cell_positions(const llama_context * ctx, llama_seq_id seq_id, llama_pos * out, int32_t n_max) {
+    const llama_kv_cache * kv = ctx ? clusterable_cache(ctx) : nullptr;
+    if (kv == nullptr || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max()) {
+        return -1;
+    }
+    const auto & cells = kv->get_cells(seq_id);
+    for (int32_t i = 0; i < n_max && (uint32_t) i < cells.size(); ++i) {
+        out[i] = !cells.is_empty(i) && cells.seq_has(i, seq_id) ? cells.pos_get(i) : -1;
+    }
+    return (int32_t) cells.size();
+}
+
+int32_t chelsea_kv_cluster_sizes(const llama_context * ctx, llama_seq_id seq_id, int32_t layer, float * out, int32_t n_cells) {
+    const llama_kv_cache * kv = clustered_cache(ctx, seq_id);
+    if (kv == nullptr || layer < 0 || (size_t) layer >= kv->chelsea->sizes.size() || n_cells < 0 ||
+        (uint32_t) n_cells > kv->get_size()) {
+        return -1;
+    }
+    const ggml_tensor * s = kv->chelsea->sizes[layer];
+    const uint32_t strm = kv->get_stream(seq_id);
+    for (int64_t h = 0; h < s->ne[1]; ++h) {
+        ggml_backend_tensor_get(s, out + h*n_cells, strm*s->nb[2] + h*s->nb[1], n_cells*sizeof(float));
+    }
+    return (int32_t) s->ne[1];
+}
+
+int32_t chelsea_kv_keys(const llama_context * ctx, llama_seq_id seq_id, int32_t layer, float * out, int32_t n_cells) {
+    const llama_kv_cache * kv = ctx ? clusterable_cache(ctx) : nullptr;
+    if (kv == nullptr || seq_id < 0 || (uint32_t) seq_id >= kv->get_n_seq_max() || n_cells < 0 ||
+        (uint32_t) n_cells > kv->get_size()) {
+        return -1;
+    }
+    const ggml_tensor * k = kv->chelsea_layer_k(layer);
+    if (k == nullptr) {
+        return -1;
+    }
+    // [n_embd_k, kv_size, n_stream]: the stream's first n_cells rows, in the cache's type
+    const ggml_type_traits * traits = ggml_get_type_traits(k->type);
+    if (k->type != GGML_TYPE_F32 && traits->to_float == nullptr) {
+        return -1;
+    }
+    const size_t row = k->nb[1];
+    std::vector<uint8_t> raw(row*n_cells);
+    ggml_backend_tensor_get(k, raw.data(), kv->get_stream(seq_id)*k->nb[2], raw.size());
+    for (int32_t c = 0; c < n_cells; ++c) {
+        if (k->type == GGML_TYPE_F32) {
+            memcpy(out + (size_t) c*k->ne[0], raw.data() + c*row, k->ne[0]*sizeof(float));
+        } else {
+            traits->to_float(raw.data() + c*row, out + (size_t) c*k->ne[0], k->ne[0]);
+        }
+    }
+    return (int32_t) k->ne[0];
+}

@@ -1,0 +1,424 @@
+// chelsea-gguf: compression of a clustered llama_kv_cache. chelsea_schedule() decides, before a batch, which
+// sequences are due; chelsea_update() (from update(), where llama.cpp runs the K-shift) runs passes over each until it
+// reaches its target; chelsea_run_pass() builds one pass as a ggml graph over every layer and runs it on the backend
+// that holds the cache.
+//
+// A sequence's cells, in position order, are [sinks | mergeable region | recent]. A pass merges, per (layer, KV head),
+// the best-matching A cells of each chunk of the region into their B cells (size-weighted means of K and V), removes
+// the same number of cells from every head, and packs the survivors into the sequence's first cells. A sequence alone
+// in its stream stays packed from cell 0, so the attended span n_kv shrinks with the cell count; one whose cells
+// interleave with other sequences' (a unified stream) is gathered into a packed span for the pass and scattered back.
+
+#include "chelsea-kv.h"
+
+#include "ggml-chelsea.h"
+#include "llama-batch.h"
+#include "llama-context.h"
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+
+#include <algorithm>
+#include <limits>
+#include <map>
+#include <vector>
+
+namespace {
+
+// the random_pairs baseline's stand-in for a ggml_chelsea_match result, laid out as the op's: per head, each A cell
+// (odd offset in its chunk) gets a uniform score in [0, 1) and a uniformly drawn B cell of its chunk, so plan
+// merges a random share of the A cells into random partners
+std::vector<float> draw_random_pairs(std::mt19937 & rng, int64_t n_head, int64_t n_region, int64_t chunk) {
+    std::vector<float> out((size_t) (2*n_head*n_region));
+    float * score = out.data();
+    float * index = out.data() + n_head*n_region;
+    std::uniform_real_distribution<float> uniform(0.0f, 1.0f);
+    for (int64_t h = 0; h < n_head; ++h) {
+        for (int64_t first = 0; first < n_region; first += chunk) {
+            const int64_t len = std::min<int64_t>(chunk, n_region - first);
+            std::uniform_int_distribution<int64_t> partner(0, (len - 1)/2);
+            for (int64_t i = 0; i < len; ++i) {
+                const int64_t o = h*n_region + first + i;
+                const bool is_a = i % 2 == 1;
+                score[o] = is_a ? std::min(uniform(rng), 0.999999f) : GGML_CHELSEA_NO_SCORE;
+                index[o] = is_a ? (float) (first + 2*partner(rng)) : -1.0f;
+            }
+        }
+    }
+    return out;
+}
+
+// The cells a compression pass works on, in one stream of the cache's tensors: cells [0, n) in place when the
+// sequence is packed from cell 0, else the sequence's cells (chelsea_pass::cells, by position),
+// gathered into a packed f32 span and scattered back. A tensor holds its cells along ne1 (K; V with flash
+// attention) or along ne0 in rows of kv_size elements (llama.cpp's transposed V: n_embd_v rows; cluster sizes:
+// n_head_kv rows).
+class pass_span {
+public:
+    pass_span(ggml_context * ctx, const std::vector<uint32_t> & cells, uint32_t kv_size, uint32_t strm)
+        : ctx(ctx), cells(cells), kv_size(kv_size), strm(strm) {}
+
+    // [ne0, n] of x, cells along ne1
+    ggml_tensor * rows(ggml_tensor * x, uint32_t n) {
+        if (cells.empty()) {
+            return ggml_view_2d(ctx, x, x->ne[0], n, x->nb[1], strm*x->nb[2]);
+        }
+        return ggml_get_rows(ctx, stream_rows(x), index(1, n));
+    }
+
+    // y ([ne0, n]) into the first n cells of x, cells along ne1
+    ggml_tensor * set_rows(ggml_tensor * x, ggml_tensor * y) {
+        const uint32_t n = y->ne[1];
+        if (cells.empty()) {
+            return ggml_cpy(ctx, y, ggml_view_2d(ctx, x, x->ne[0], n, x->nb[1], strm*x->nb[2]));
+        }
+        return ggml_set_rows(ctx, stream_rows(x), y, index(1, n));
+    }
+
+    // [n, n_rows] of x, cells along ne0
+    ggml_tensor * cols(ggml_tensor * x, int64_t n_rows, uint32_t n) {
+        if (cells.empty()) {
+            return ggml_view_2d(ctx, x, n, n_rows, ggml_row_size(x->type, kv_size), strm*x->nb[2]);
+        }
+        return ggml_reshape_2d(ctx, ggml_get_rows(ctx, stream_elements(x, n_rows), index(n_rows, n)), n, n_rows);
+    }
+
+    // y ([n, n_rows], contiguous) into the first n cells of x, cells along ne0
+    ggml_tensor * set_cols(ggml_tensor * x, ggml_tensor * y) {
+        const uint32_t n = y->ne[0];
+        const int64_t n_rows = y->ne[1];
+        if (cells.empty()) {
+            return ggml_cpy(ctx, y, ggml_view_2d(ctx, x, n, n_rows, ggml_row_size(x->type, kv_size), strm*x->nb[2]));
+        }
+        return ggml_set_rows(ctx, stream_elements(x, n_rows), ggml_reshape_2d(ctx, y, 1, n*n_rows), index(n_rows, n));
+    }
+
+    // the gather indices, once the graph is allocated
+    void set_inputs() const {
+        for (const auto & [key, t] : made) {
+            const auto [n_rows, n] = key;
+            std::vector<int32_t> idx((size_t) n_rows*n);
+            for (int64_t r = 0; r < n_rows; ++r) {
+                for (uint32_t c = 0; c < n; ++c) {
+                    idx[r*n + c] = (int32_t) (r*kv_size + cells[c]);
+                }
+            }
+            ggml_backend_tensor_set(t, idx.data(), 0, idx.size()*sizeof(int32_t));
+        }
+    }
+
+    // the indices are int32 (ggml_get_rows): the largest stream they can address
+    static bool fits(uint32_t kv_size, int64_t n_rows) {
+        return (int64_t) kv_size*n_rows <= std::numeric_limits<int32_t>::max();
+    }
+
+private:
+    ggml_tensor * stream_rows(ggml_tensor * x) const {
+        return ggml_view_2d(ctx, x, x->ne[0], kv_size, x->nb[1], strm*x->nb[2]);
+    }
+
+    // the stream as kv_size*n_rows rows of one element each
+    ggml_tensor * stream_elements(ggml_tensor * x, int64_t n_rows) const {
+        return ggml_view_2d(ctx, x, 1, kv_size*n_rows, ggml_type_size(x->type), strm*x->nb[2]);
+    }
+
+    // element (r, c) of the first n cells, row-major: cells[c] of row r; with n_rows 1, the cells
+    ggml_tensor * index(int64_t n_rows, uint32_t n) {
+        ggml_tensor *& t = made[{ n_rows, n }];
+        if (t == nullptr) {
+            t = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_rows*n);
+            ggml_set_input(t);
+        }
+        return t;
+    }
+
+    ggml_context * ctx;
+    const std::vector<uint32_t> & cells;
+    const uint32_t kv_size;
+    const uint32_t strm;
+    std::map<std::pair<int64_t, uint32_t>, ggml_tensor *> made;
+};
+
+// the ops of one pass over one cache layer: match (or the random_pairs draw, returned in `drawn`), plan, merge of K
+// and V into the first cells, new sizes and log sizes. Returns the layer's count of non-finite region slices (a
+// scalar tensor), or nullptr for random pairs
+ggml_tensor * build_layer_pass(ggml_context * ctx, ggml_cgraph * gf, pass_span & span, const chelsea_kv_state & st,
+        std::mt19937 & rng, const chelsea_pass & pass, ggml_tensor * layer_k, ggml_tensor * layer_v, bool v_trans,
+        size_t ikv, std::vector<std::pair<ggml_tensor *, std::vector<float>>> & drawn) {
+    const auto & p = st.params;
+    ggml_tensor * s = st.sizes[ikv];
+    const int64_t n_head_kv = s->ne[1];
+    const int c0 = (int) pass.c0, n_region = (int) pass.n_region, n_remove = (int) pass.n_remove;
+
+    ggml_tensor * k  = span.rows(layer_k, pass.n);
+    ggml_tensor * vv = nullptr;
+    if (layer_v) {
+        vv = v_trans ? span.cols(layer_v, layer_v->ne[0], pass.n) : span.rows(layer_v, pass.n);
+    }
+    ggml_tensor * m = nullptr;
+    ggml_tensor * nonfinite = nullptr;
+    if (p.random_pairs) {
+        m = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_region, n_head_kv, 2);
+        ggml_set_input(m);
+        drawn.emplace_back(m, draw_random_pairs(rng, n_head_kv, n_region, p.chunk));
+    } else {
+        if (p.match_values && vv) {
+            m = ggml_chelsea_match_kv(ctx, k, vv, v_trans ? 0 : 1, (int) n_head_kv, c0, n_region, p.chunk);
+        } else {
+            m = ggml_chelsea_match(ctx, k, (int) n_head_kv, c0, n_region, p.chunk);
+        }
+        // step(-score - 2.5): 1 for GGML_CHELSEA_NONFINITE, 0 for every other score
+        ggml_tensor * scores = ggml_view_2d(ctx, m, n_region, n_head_kv, m->nb[1], 0);
+        nonfinite = ggml_sum(ctx, ggml_step(ctx, ggml_scale_bias(ctx, scores, -1.0f,
+                0.5f*(GGML_CHELSEA_NO_SCORE + GGML_CHELSEA_NONFINITE))));
+    }
+    ggml_tensor * plan = ggml_chelsea_plan(ctx, m, span.cols(s, n_head_kv, pass.n), c0, n_remove);
+
+    ggml_build_forward_expand(gf, span.set_rows(layer_k, ggml_chelsea_merge(ctx, k, plan, n_remove, 1)));
+    if (vv) {
+        ggml_tensor * v_new = ggml_chelsea_merge(ctx, vv, plan, n_remove, v_trans ? 0 : 1);
+        ggml_build_forward_expand(gf, v_trans ? span.set_cols(layer_v, v_new) : span.set_rows(layer_v, v_new));
+    }
+
+    // new sizes, and 1 for the cells freed at the end
+    ggml_tensor * sizes_new = ggml_view_2d(ctx, plan, pass.n, n_head_kv, plan->nb[1], 2*plan->nb[2]);
+    ggml_build_forward_expand(gf, span.set_cols(s, sizes_new));
+    ggml_build_forward_expand(gf, span.set_cols(st.log_sizes[ikv], ggml_log(ctx, sizes_new)));
+    return nonfinite;
+}
+
+// the sequence's cells in position order, and how many of the first are shared with other sequences (seq_cp in one
+// stream: they stand for all of them and are kept as they are, like the sinks); false if a shared cell follows one
+// of its own
+bool seq_cells_in_order(const llama_kv_cells & cells, llama_seq_id seq_id, std::vector<uint32_t> & idx, uint32_t & n_shared) {
+    const auto & seq_pos = cells.seq_pos_get(seq_id);
+    idx.clear();
+    idx.reserve(seq_pos.size());
+    n_shared = 0;
+    bool shared_first = true;
+    for (const auto & [pos, cell] : seq_pos) {
+        if (cells.seq_count(cell) > 1) {
+            shared_first = shared_first && n_shared == idx.size();
+            n_shared++;
+        }
+        idx.push_back(cell);
+    }
+    return shared_first;
+}
+
+// cell metadata after a pass: the region keeps an increasing subsequence of its positions, the recent cells move
+// down unchanged, and the sequence's merged range grows to cover the region
+void retire_merged_cells(llama_kv_cells & cells, std::vector<uint32_t> & idx, const chelsea_pass & pass,
+        llama_seq_id seq_id, chelsea_seq_state & seq) {
+    const uint32_t n = pass.n, c0 = pass.c0, n_region = pass.n_region, n_remove = pass.n_remove;
+    std::vector<llama_pos> pos_old(n);
+    for (uint32_t i = 0; i < n; ++i) {
+        pos_old[i] = cells.pos_get(idx[i]);
+    }
+    const uint32_t n_kept = n_region - n_remove;
+    if (seq.pos_merged_min < 0) {
+        seq.pos_merged_min = pos_old[c0];
+    }
+    seq.pos_merged_max = std::max(seq.pos_merged_max, pos_old[c0 + n_region - 1]);
+    for (uint32_t i = c0; i < n; ++i) {
+        cells.rm(idx[i]);
+    }
+    for (uint32_t j = c0; j < n - n_remove; ++j) {
+        const uint32_t src = j < c0 + n_kept
+            ? c0 + (uint32_t) (((uint64_t) (j - c0)*n_region)/n_kept)
+            : j + n_remove;
+        cells.pos_set(idx[j], pos_old[src]);
+        cells.seq_add(idx[j], seq_id);
+    }
+    idx.resize(n - n_remove);
+    seq.n_merged += n_remove;
+}
+
+} // namespace
+
+// a batch this small is a generation step (or a few speculative tokens), not a prompt chunk
+static constexpr uint32_t CHELSEA_DECODE_MAX_TOKENS = 8;
+
+void llama_context::chelsea_reserve() {
+    sched_need_reserve = true;
+    sched_reserve();
+}
+
+uint32_t llama_context::chelsea_n_batch_tokens(llama_seq_id seq_id) const {
+    if (!balloc || seq_id < 0) {
+        return balloc ? balloc->get_n_tokens() : 0;
+    }
+    const llama_pos p0 = balloc->seq_pos_min(seq_id);
+    return p0 < 0 ? 0 : (uint32_t) (balloc->seq_pos_max(seq_id) - p0 + 1);
+}
+
+bool llama_kv_cache::chelsea_pending() const {
+    for (const auto & seq : chelsea->seqs) {
+        if (seq.pending) {
+            return true;
+        }
+    }
+    return false;
+}
+
+bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize) {
+    auto & st = *chelsea;
+    const auto & p = st.params;
+    const bool decoding = lctx->chelsea_n_batch_tokens() <= CHELSEA_DECODE_MAX_TOKENS;
+
+    bool any = false;
+    for (uint32_t s = 0; s < n_seq_max; ++s) {
+        auto & seq = st.seqs[s];
+        const auto & cells = v_cells[seq_to_stream[s]];
+        const int64_t n = (int64_t) cells.seq_pos_get((llama_seq_id) s).size();
+        if (n == 0) {
+            seq.pending = seq.forced = false;
+            continue;
+        }
+        const uint32_t target = chelsea_target_cells(p, n + seq.n_merged);
+        const uint32_t free   = cells.size() - cells.get_used(); // find_slot fills holes too
+        // while a prompt is fed in chunks, merge only when the next chunk would not fit: later merges see
+        // more of the prompt; once generating, keep the sequence within budget + interval. Only this
+        // sequence's own tokens count, so that other sequences' batches leave it as it is
+        const uint32_t n_next = lctx->chelsea_n_batch_tokens((llama_seq_id) s);
+        const bool over_budget = decoding && n_next > 0 && n > (int64_t) target + p.interval;
+        // the budget applies when generating (fewer cells to attend), when asked, and when a batch found no slot
+        // (optimize: free all that can be freed). Otherwise a prompt chunk that does not fit merges only the room
+        // it lacks: the buffer is allocated anyway, and what stays exact now makes better merges later
+        const bool to_budget = seq.forced || optimize || over_budget;
+        seq.pending = n > target && (to_budget || free < n_next);
+        seq.keep    = seq.pending && !to_budget ? (uint32_t) n - std::min((uint32_t) n, n_next - free) : 0;
+        any = any || seq.pending;
+    }
+    return any;
+}
+
+bool llama_kv_cache::chelsea_update(llama_context * lctx) {
+    bool changed = false;
+    for (uint32_t s = 0; s < n_seq_max; ++s) {
+        auto & seq = chelsea->seqs[s];
+        if (seq.pending) {
+            seq.pending = seq.forced = false;
+            changed = chelsea_compress_seq(lctx, (llama_seq_id) s) || changed;
+        }
+    }
+    return changed;
+}
+
+bool llama_kv_cache::chelsea_compress_seq(llama_context * lctx, llama_seq_id seq_id) {
+    auto & st = *chelsea;
+    const auto & p = st.params;
+    auto & seq = st.seqs[seq_id];
+    const int64_t t_start_us = ggml_time_us();
+    const uint32_t strm = seq_to_stream[seq_id];
+    auto & cells = v_cells[strm];
+
+    std::vector<uint32_t> idx;
+    uint32_t n_shared = 0;
+    if (!seq_cells_in_order(cells, seq_id, idx, n_shared)) {
+        LLAMA_LOG_WARN("%s: seq %d: cells shared with other sequences follow cells of its own; not compressed\n", __func__, seq_id);
+        return false;
+    }
+    const uint32_t n0 = (uint32_t) idx.size();
+    // alone in its stream, in cells [0, n) by position: the passes work in place. Otherwise (other
+    // sequences' cells in between, holes) they gather the cells and scatter the survivors back
+    bool packed = cells.used_max_p1() == n0 && cells.get_used() == n0;
+    for (uint32_t i = 0; packed && i < n0; ++i) {
+        packed = idx[i] == i;
+    }
+    if (!packed) {
+        int64_t n_rows = 1;
+        for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
+            n_rows = std::max({ n_rows, st.sizes[ikv]->ne[1], v_trans && layers[ikv].v ? layers[ikv].v->ne[0] : 0 });
+        }
+        if (!pass_span::fits(get_size(), n_rows)) {
+            LLAMA_LOG_WARN("%s: seq %d: its cells are not packed from cell 0, and a stream of %u cells is too large "
+                    "to gather them; not compressed\n", __func__, seq_id, get_size());
+            return false;
+        }
+    }
+
+    const uint32_t target = std::max(chelsea_target_cells(p, n0 + seq.n_merged), seq.keep);
+    seq.keep = 0;
+    const uint32_t c0 = std::max((uint32_t) p.n_sink, n_shared);
+    int32_t passes = 0;
+    for (uint32_t n = n0; n > target && passes < p.max_passes && n >= c0 + (uint32_t) p.n_recent + 2; n = (uint32_t) idx.size()) {
+        const uint32_t n_region = n - c0 - p.n_recent;
+        const uint32_t n_cand   = n_region / 2;
+        const chelsea_pass pass = { strm, packed ? std::vector<uint32_t>() : idx, n, c0, n_region,
+                                    std::min(std::max(1u, (uint32_t) (n_cand*p.pass_fraction)), n - target) };
+        const int64_t nonfinite = chelsea_run_pass(lctx, pass);
+        if (nonfinite < 0) {
+            LLAMA_LOG_ERROR("%s: seq %d: compression pass failed\n", __func__, seq_id);
+            break;
+        }
+        if (nonfinite > 0 && seq.nonfinite == 0) {
+            LLAMA_LOG_WARN("%s: seq %d: NaN or Inf in the keys or values of %lld (cell, KV head, layer) slices; "
+                    "they are merged last, but the model's output is likely broken already\n", __func__, seq_id,
+                    (long long) nonfinite);
+        }
+        seq.nonfinite += nonfinite;
+        retire_merged_cells(cells, idx, pass, seq_id, seq);
+        st.any_merged = true;
+        passes++;
+    }
+    const uint32_t n = (uint32_t) idx.size();
+    if (packed) {
+        v_heads[strm] = n;
+    }
+
+    seq.passes += passes;
+    seq.compressions += passes > 0;
+    seq.t_ms += (ggml_time_us() - t_start_us)/1000.0;
+    if (passes > 0) {
+        LLAMA_LOG_DEBUG("%s: seq %d: %u -> %u cells in %d passes (%lld tokens)\n", __func__, seq_id, n0, n,
+                passes, (long long) (n + seq.n_merged));
+    }
+    return passes > 0;
+}
+
+int64_t llama_kv_cache::chelsea_run_pass(llama_context * lctx, const chelsea_pass & pass) {
+    auto & st = *chelsea;
+    auto * sched = lctx->get_sched();
+
+    ggml_backend_sched_reset(sched);
+    auto * res = lctx->get_gf_res_reserve();
+    res->reset();
+
+    ggml_context * ctx = res->get_ctx();
+    ggml_cgraph  * gf  = res->get_gf();
+
+    pass_span span(ctx, pass.cells, get_size(), pass.strm);
+
+    // random_pairs: drawn matches, set once the graph is allocated
+    std::vector<std::pair<ggml_tensor *, std::vector<float>>> drawn;
+    // region slices the match ops marked non-finite, summed over layers
+    ggml_tensor * nonfinite = nullptr;
+    for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
+        ggml_tensor * marked = build_layer_pass(ctx, gf, span, st, st.rng, pass, layers[ikv].k, layers[ikv].v, v_trans, ikv, drawn);
+        if (marked) {
+            nonfinite = nonfinite ? ggml_add(ctx, nonfinite, marked) : marked;
+        }
+    }
+    if (nonfinite) {
+        ggml_set_output(nonfinite);
+        ggml_build_forward_expand(gf, nonfinite);
+    }
+
+    if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+        LLAMA_LOG_ERROR("%s: failed to allocate the compression graph\n", __func__);
+        return -1;
+    }
+    for (const auto & [m, data] : drawn) {
+        ggml_backend_tensor_set(m, data.data(), 0, data.size()*sizeof(float));
+    }
+    span.set_inputs();
+    if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
+        LLAMA_LOG_ERROR("%s: failed to compute the compression graph\n", __func__);
+        return -1;
+    }
+    float n_nonfinite = 0.0f;
+    if (nonfinite) {
+        ggml_backend_tensor_get(nonfinite, &n_nonfinite, 0, sizeof(n_nonfinite));
+    }
+    return (int64_t) n_nonfinite;
+}
