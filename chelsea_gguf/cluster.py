@@ -54,9 +54,9 @@ class ClusterOptions:
     recent: int = _option("n_recent", "last tokens never merged", "--kv-recent")
     interval: int = _option("interval", "g: while generating, compress once a sequence exceeds its budget by this "
                             "many cells", "--kv-interval")
-    max_passes: int = _option("max_passes", "merging passes per compression, at most", "--kv-max-passes")
+    max_passes: int = _option("max_passes", "merging passes per compression, at most")
     pass_fraction: float = _option("pass_fraction", "share of candidate cells one pass may merge, in (0, 1]: the "
-                                   "most similar pairs go first", "--kv-pass-fraction")
+                                   "most similar pairs go first")
     bias: bool = _option("log_bias", "proportional attention: add log(cluster size) to attention logits",
                          "--kv-no-bias", "do not add log(cluster size) to attention logits")
     match_values: bool = _option("match_values", "pair cells by keys and values (off: by keys alone, as the paper)",
@@ -143,11 +143,8 @@ def _check_c_type(label: str, option: OptionSpec, value: Any) -> None:
 
 def _c_check(params: Any) -> str:
     """The C library's verdict on params: "" if valid, else its message (starting with the C field's name)."""
-    check = getattr(lib, "chelsea_kv_cluster_params_check", None)
-    if check is None:  # TRANSITIONAL, until the rebuilt library has it: chelsea_kv_cluster_enable checks the same
-        return ""
     err = ffi.new("char[]", 512)
-    if check(ffi.new("struct chelsea_kv_cluster_params *", params), err, 512) != 0:
+    if lib.chelsea_kv_cluster_params_check(ffi.new("struct chelsea_kv_cluster_params *", params), err, 512) != 0:
         return ffi.string(err).decode()
     return ""
 
@@ -183,6 +180,15 @@ def options_from_keywords(keywords: Mapping[str, Any],
                         f"(the KV-cluster keywords are: {', '.join(KEYWORD_FIELDS)})")
     chosen = {KEYWORD_FIELDS[k]: v for k, v in keywords.items() if v is not None}
     return dataclasses.replace(default_options(), **chosen).validated(label)
+
+
+def options_for(kv_cluster: Any, keywords: Mapping[str, Any]) -> ClusterOptions | None:
+    """What ``kv_cluster=..., kv_cluster_*=...`` ask for: None with clustering off (the keywords are checked
+    either way)."""
+    if not isinstance(kv_cluster, bool):
+        raise ValueError(f"kv_cluster: expected a bool, got {kv_cluster!r}")
+    options = options_from_keywords(keywords)
+    return options if kv_cluster else None
 
 
 def enable(ctx: Any, options: ClusterOptions) -> None:

@@ -128,11 +128,8 @@ def set_cluster_defaults(**keywords: Any) -> None:
 
 
 def _cluster_options(keywords: dict[str, Any]) -> cluster.ClusterOptions | None:
-    on = keywords.get("kv_cluster", False)
-    if not isinstance(on, bool):
-        raise ValueError(f"kv_cluster: expected a bool, got {on!r}")
-    options = cluster.options_from_keywords({k: v for k, v in keywords.items() if k != "kv_cluster"})
-    return options if on else None
+    return cluster.options_for(keywords.get("kv_cluster", False),
+                               {k: v for k, v in keywords.items() if k != "kv_cluster"})
 
 
 def _n_ctx_train(model_path: str) -> int:
@@ -156,7 +153,8 @@ def kv_cluster_stats(llm: Any) -> dict[str, Any]:
     return cluster.kv_cluster_stats(_context_pointer(llm), getattr(llm, "kv_cluster_options", None))
 
 
-kv_cluster_stats.__doc__ = f"Of a ``llama_cpp.Llama`` (also ``llm.kv_cluster_stats()``). {cluster.kv_cluster_stats.__doc__}"
+kv_cluster_stats.__doc__ = f"Of a ``llama_cpp.Llama`` (also ``llm.kv_cluster_stats()``): " \
+                           f"{cluster.kv_cluster_stats.__doc__}"
 
 
 def _patch_llama_class(cls: type) -> None:

@@ -122,9 +122,7 @@ class Llama:
         if swa_full is not None and not isinstance(swa_full, bool):
             raise ValueError(f"swa_full: expected a bool, got {swa_full!r}")
         kv_type_v = parse_kv_type(type_v, "type_v")
-        if not isinstance(kv_cluster, bool):
-            raise ValueError(f"kv_cluster: expected a bool, got {kv_cluster!r}")
-        cluster_options = cluster.options_from_keywords(kv_cluster_options)
+        cluster_options = cluster.options_for(kv_cluster, kv_cluster_options)
         if chat_format is not None and not isinstance(chat_format, str):
             raise ValueError(f"chat_format: expected a template name such as 'chatml', got {chat_format!r}")
 
@@ -154,7 +152,7 @@ class Llama:
         # with clustering, the logical context (positions) outgrows the physical cells: the cache is
         # compressed between decodes, so it is allocated for about ratio * n_ctx cells
         self._n_ctx_logical = n_ctx_value
-        self.kv_cluster_options = cluster_options if kv_cluster else None
+        self.kv_cluster_options = cluster_options
         n_cells = n_ctx_value
         if self.kv_cluster_options is not None:
             n_cells = self.kv_cluster_options.physical_cells(n_ctx_value, min(n_batch, n_ctx_value))

@@ -16,11 +16,8 @@ from chelsea_gguf.cli import build_parser, cluster_kwargs_of
 from chelsea_gguf.cluster import KEYWORD_FIELDS, OPTIONS, ClusterOptions, default_options, options_from_keywords
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-FLAGS = {"--kv-ratio", "--kv-chunk", "--kv-sinks", "--kv-recent", "--kv-interval", "--kv-max-passes",
-         "--kv-pass-fraction", "--kv-no-bias", "--kv-match-keys"}
-# TRANSITIONAL: libraries built before chelsea_kv_cluster_params_check leave the ranges to chelsea_kv_cluster_enable
-needs_c_check = pytest.mark.skipif(not hasattr(lib, "chelsea_kv_cluster_params_check"),
-                                   reason="the library predates chelsea_kv_cluster_params_check")
+FLAGS = {"--kv-ratio", "--kv-chunk", "--kv-sinks", "--kv-recent", "--kv-interval", "--kv-no-bias",
+         "--kv-match-keys"}
 
 
 def test_every_field_is_declared_with_its_c_field_keyword_and_doc() -> None:
@@ -59,18 +56,17 @@ def test_flags_become_keywords() -> None:
     assert cluster_kwargs_of(parse()) == {}
     assert cluster_kwargs_of(parse("--kv-cluster")) == {"kv_cluster": True}
     assert cluster_kwargs_of(parse("--kv-cluster", "--kv-ratio", "0.2", "--kv-no-bias", "--kv-match-keys",
-                                   "--kv-max-passes", "8")) == \
-        {"kv_cluster": True, "kv_cluster_ratio": 0.2, "kv_cluster_bias": False, "kv_cluster_match_values": False,
-         "kv_cluster_max_passes": 8}
+                                   "--kv-interval", "8")) == \
+        {"kv_cluster": True, "kv_cluster_ratio": 0.2, "kv_cluster_interval": 8, "kv_cluster_bias": False,
+         "kv_cluster_match_values": False}
     with pytest.raises(ValueError, match=r"^--kv-ratio, --kv-no-bias: clustering is off"):
         cluster_kwargs_of(parse("--kv-ratio", "0.2", "--kv-no-bias"))
 
 
-@needs_c_check
 @pytest.mark.parametrize(("argv", "message"), [
     (["--kv-recent", "-4"], r"^--kv-recent: -4\b"),
     (["--kv-chunk", "7"], r"^--kv-chunk: 7\b.*even"),
-    (["--kv-max-passes", "65"], r"^--kv-max-passes: 65\b"),
+    (["--kv-interval", "-1"], r"^--kv-interval: -1\b"),
     (["--kv-ratio", "1.5"], r"^--kv-ratio: 1.5\b"),
 ])
 def test_a_bad_flag_is_named_as_the_c_library_judges_it(argv: list[str], message: str) -> None:
@@ -78,7 +74,6 @@ def test_a_bad_flag_is_named_as_the_c_library_judges_it(argv: list[str], message
         cluster_kwargs_of(parse("--kv-cluster", *argv))
 
 
-@needs_c_check
 @pytest.mark.parametrize(("keywords", "message"), [
     ({"kv_cluster_max_passes": 65}, r"^kv_cluster_max_passes: 65\b"),
     ({"kv_cluster_max_passes": 0}, r"^kv_cluster_max_passes: 0\b"),
