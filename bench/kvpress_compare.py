@@ -235,7 +235,7 @@ def run_chelsea(args: argparse.Namespace) -> int:
         meta["wall_s"] = round(time.time() - t_start, 1)
         write_json(out, {"meta": meta, "rows": rows})
     print(out)
-    write_report()
+    write_report(out.with_name(out.name.replace(".chelsea.json", ".json")))
     return 0
 
 
