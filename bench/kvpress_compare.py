@@ -616,7 +616,10 @@ def write_report(kv_path: Path = RESULTS / "kvpress_compare.json") -> Path:
                   f"{m.get('threads')} thread(s), {m.get('cpu')}; commit {m.get('commit')}, {m.get('date')}; "
                   f"{m.get('items_done')} of {m.get('items_selected')} items in {m.get('wall_s')} s.",
                   f"Token ids: {tc.get('against')}; the HF tokenizer of the GGUF gives the same ids on "
-                  f"{tc.get('identical')} of {tc.get('items')} items."]
+                  f"{tc.get('identical')} of {tc.get('items')} items"
+                  + (f" (where not, it splits digits after spaces or newlines differently: {', '.join(tc['mismatched'][:4])}"
+                     f"{', ...' if len(tc['mismatched']) > 4 else ''}); both sides are fed llama.cpp's ids." if tc.get("mismatched")
+                     else ".")]
     if ch:
         m = ch["meta"]
         lines += [f"llama.cpp side ({m.get('source', 'kvpress_compare.chelsea.json')}): commit {m.get('commit')}, "
@@ -625,7 +628,9 @@ def write_report(kv_path: Path = RESULTS / "kvpress_compare.json") -> Path:
         lines += [f"Both sides counted on the {len(common)} items each of them answered."]
     lines += ["", "Prompt s: context prefill + compression + question, to the first answer token (llama.cpp: the "
                   "whole answer, as Chelsea compresses inside the prompt); vs full: against the full cache on the "
-                  "same side; total s: with ~10 decoded tokens.", ""]
+                  "same side; total s: with ~10 decoded tokens. Scorer presses share one prefill (their own compress "
+                  "time added); KVzip's smaller keep re-masks the scores of its larger keep's reconstruction pass, "
+                  "whose time it is given.", ""]
     head = ["keep", "method", "side", "retrieved", *[b[2] for b in BANDS], *kinds, "prompt s", "vs full", "total s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
