@@ -16,7 +16,7 @@ Chelsea would use:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,6 +28,7 @@ from chelsea_gguf.llama import Llama
 
 class EvictionPolicy(Protocol):
     name: str
+    capacity: int        # physical cells the sequence may hold
 
     def max_chunk(self) -> int:
         """Most tokens one decode may add (the cache must be able to hold them next to what it keeps)."""
@@ -88,9 +89,11 @@ class ContextShift:
 class Session:
     """One sequence fed chunk by chunk into llm's context (cleared first), with per-token logits."""
 
-    def __init__(self, llm: Llama, policy: EvictionPolicy | None = None, chunk: int | None = None) -> None:
+    def __init__(self, llm: Llama, policy: EvictionPolicy | None = None, chunk: int | None = None,
+                 budget: Callable[[int], int] | None = None) -> None:
         llm.reset()
         self.llm = llm
+        self.budget = budget   # cells a policy keeps once the prompt is in, for the tokens seen (None: capacity)
         self.ctx = llm.ctx
         self.mem = lib.llama_get_memory(self.ctx)
         self.n_vocab = llm.n_vocab()
@@ -145,9 +148,14 @@ class Session:
         return out
 
     def settle(self) -> None:
-        """After a prompt: compress a clustered cache to its budget, as ``Llama.generate_tokens`` does."""
+        """After a prompt: compress a clustered cache to its budget, as ``Llama.generate_tokens`` does; a policy
+        with a budget evicts down to it (the cells Chelsea keeps once it compresses), so that both generate from
+        the same number of cells."""
         if self.llm.kv_cluster_options is not None:
             lib.chelsea_kv_cluster_compress(self.ctx, 0)
+        elif self.policy is not None and self.budget is not None:
+            # room for (capacity - budget) new tokens leaves at most `budget` cells held
+            self.policy.make_room(self, max(0, self.policy.capacity - self.budget(self.n_fed)))
 
     def cells_used(self) -> int:
         return self.llm.kv_stats().n_cells_used

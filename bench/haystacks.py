@@ -14,8 +14,8 @@ Needles (inserted at a sentence or line boundary; in code as a comment line):
 
 * ``number`` -- "The special magic number is 48213."
 * ``word`` -- "The secret password is pelican."
-* ``fact`` -- "Marta Kowalski moved to Valparaiso last spring.", asked back in other words: "In which city
-  does Marta Kowalski live now?"
+* ``fact`` -- "Marta Kowalski moved to Lisbon last spring.", asked back as a question: "Which city did Marta
+  Kowalski move to last spring?"
 
 Needle names, cities and words come from pools the sentence grammar never uses. ``depth`` is measured with the
 caller's tokenizer: the share of the context's tokens before the needle. ``build_chat_items`` makes the
@@ -110,9 +110,10 @@ FIRST_NAMES = ("Marta", "Tomasz", "Ingrid", "Rafael", "Yuki", "Anselm", "Noor", 
                "Dmitri", "Priya", "Osvaldo", "Greta", "Kwame", "Soledad", "Lorcan", "Henrike", "Emeka")
 LAST_NAMES = ("Kowalski", "Lindqvist", "Okonkwo", "Castellanos", "Fujimoto", "Brennan", "Haddad",
               "Vasquez", "Novak", "Abernathy", "Szabo", "Oyelaran", "Quintero", "Mbeki", "Halvorsen")
-CITIES = ("Valparaiso", "Reykjavik", "Montevideo", "Trondheim", "Marrakesh", "Ljubljana", "Tbilisi",
-          "Cartagena", "Hobart", "Winnipeg", "Bratislava", "Cusco", "Zanzibar", "Tallinn", "Salzburg",
-          "Kyoto", "Adelaide", "Porto")
+# well-known, plainly spelled cities (SmolLM2-135M misspells or replaces rarer names even with the full cache),
+# none of the few a small model guesses by default (Paris, London, Berlin, Tokyo, New York)
+CITIES = ("Lisbon", "Oslo", "Dublin", "Vienna", "Prague", "Madrid", "Cairo", "Lima", "Quito", "Denver",
+          "Helsinki", "Budapest", "Warsaw", "Athens", "Nairobi", "Havana", "Seoul", "Toronto")
 
 QUESTION_NUMBER = "What is the special magic number mentioned in the text?"
 
@@ -138,8 +139,10 @@ def make_needle(kind: str, rng: random.Random) -> Needle:
     if kind == "fact":
         name = f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}"
         city = rng.choice(CITIES)
+        # asked as a question about the move: "where does X live now" (an inference) left SmolLM2-135M's full
+        # cache at 5 of 9 items, and the answer prefix "X now lives in" often made it start a new line
         return Needle(kind, f"{name} moved to {city} last spring.",
-                      f"\n\nQuestion: In which city does {name} live now?\nAnswer: {name} now lives in", city)
+                      f"\n\nQuestion: Which city did {name} move to last spring?\nAnswer: {name} moved to", city)
     raise ValueError(f"unknown needle kind {kind!r} (known: {', '.join(NEEDLE_KINDS)})")
 
 

@@ -9,6 +9,7 @@ result rows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -22,6 +23,13 @@ from key_eviction import KeyScoredEviction
 
 N_BATCH = 256    # prompt chunk for every method: Chelsea compresses between chunks, baselines evict between them
 RANDOM_SEED = 1
+
+
+def chelsea_budget(ratio: float, n_tokens: int) -> int:
+    """Cells Chelsea compresses to at ratio R once it has seen n_tokens (``ClusterOptions.physical_cells``'
+    budget; the protected sinks and recent window set its floor)."""
+    opts = default_options()
+    return max(math.ceil(ratio * n_tokens), opts.sinks + opts.recent + 2)
 
 
 def chelsea_cells(ratio: float, n_ctx: int) -> int:
@@ -103,9 +111,9 @@ class Eviction(Method):
 
     def session(self, llm: Llama, n_ctx: int) -> Session:
         # the cells allocated: those Chelsea requests at this R (budget plus one prompt chunk), padded by
-        # llama.cpp as Chelsea's are, and Chelsea fills its buffer too before it merges. Policies are stateful:
-        # a new one per session
-        return Session(llm, self.policy(llm))
+        # llama.cpp as Chelsea's are, and Chelsea fills its buffer too before it merges; after the prompt the
+        # policy evicts down to the budget Chelsea compresses to. Policies are stateful: a new one per session
+        return Session(llm, self.policy(llm), budget=lambda n_tokens: chelsea_budget(self.ratio, n_tokens))
 
     def chat(self, llm: Llama, messages: list[dict[str, Any]], max_tokens: int) -> tuple[str, int]:
         """The prompt create_chat_completion would feed (same template), answered greedily through a session,

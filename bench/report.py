@@ -230,6 +230,13 @@ def main() -> int:
         parts += ["## KL divergence, top-1 agreement, perplexity", "", kld_table(kld)]
     if tasks:
         parts += ["## Retrieval tasks", "", tasks_table(tasks)]
+    for stem, label in (("retrieval", "SmolLM2"), ("retrieval_gemma", "Gemma-3-270M")):
+        md = RESULTS / f"{stem}{sfx}.md"
+        if md.exists():
+            parts += [f"## Needle retrieval on varied text ({label})", "", md.read_text(), ""]
+            png = RESULTS / f"{stem}{sfx}_heatmap.png"
+            if png.exists():
+                parts += [f"![{png.stem}]({png.name})", ""]
     for name, data in (("SmolLM2", speed), ("Gemma-3-270M", gemma)):
         if data:
             md = RESULTS / f"decode_bench{sfx if name == 'SmolLM2' else '_gemma'}.md"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from collections import defaultdict
@@ -24,6 +25,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import chelsea_gguf
 from chelsea_gguf import Llama
 from chelsea_gguf._lib import lib
 from chelsea_gguf.chat import format_chat_prompt
@@ -34,7 +36,7 @@ from haystacks import BANDS, ChatItem, RetrievalItem, band, build_chat_items, bu
 
 N_GEN = 10
 MODELS: dict[str, dict[str, Any]] = {
-    "smollm2": {"label": "SmolLM2-135M-Instruct Q4_1", "lengths": (1024, 2048, 3072, 4096), "chat": (1024, 2048, 3072),
+    "smollm2": {"label": "SmolLM2-135M-Instruct Q4_1", "lengths": (1024, 2048, 3072, 4096), "chat": (1024, 1536, 2048),
                 "quick": (256,), "suffix": ""},
     "gemma": {"label": "Gemma-3-270M Q4_K_M", "lengths": (4096, 8192, 16384, 30000), "chat": (4096, 8192, 16384),
               "quick": (512,), "suffix": "_gemma"},
@@ -141,9 +143,12 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
              f"({', '.join(hays)} x {', '.join(kinds)}, depths 5-95%, lengths {meta['lengths']}) and "
              f"{meta['n_chat']} multi-turn chat items; greedy, {meta['n_gen']} tokens; commit {meta['commit']}, "
              f"{meta['cpu']}, {meta['threads']} thread(s); `{meta['command']}`.", "",
+             *([f"**Stopped early**: {meta['stopped']}; the methods after it are missing or partial "
+                "(`--resume` completes them).", ""] if meta.get("stopped") else []),
              "Retrieved / total; the full cache is the ceiling, and `(x%)` is a band's share of what the full cache "
              "retrieved in that band. ± is the 95% interval of the overall share (points). Baselines at R hold "
-             "Chelsea's physical cells at R.", "",
+             "Chelsea's physical cells at R while the prompt is fed and, once it is in, evict down to the budget "
+             "Chelsea compresses to (R x tokens), so every method answers from the same number of cells.", "",
              "| method | all | ± | " + " | ".join(f"depth {b}" for b in bands) + " | " + " | ".join(kinds) + " | "
              + " | ".join(hays) + " | chat | cells held (mean) | s/item |",
              "|---|---:|---:|" + "---:|" * (len(bands) + len(kinds) + len(hays) + 3)]
@@ -162,7 +167,26 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
                      + " | ".join(frac(by_hay.get(m, {}).get(x)) for x in hays) + " | "
                      + frac(chat.get(m, {}).get("chat")) + " | "
                      + f"{sum(held[m]) / len(held[m]):.0f} | {sum(secs[m]) / len(secs[m]):.1f} |")
+    for key, label in (("needle_kind", "needle kind"), ("haystack", "haystack")):
+        lines += ["", *crossed(needle_rows, methods, key, label)]
     return "\n".join(lines) + "\n"
+
+
+def crossed(rows: list[dict[str, Any]], methods: list[str], key: str, label: str) -> list[str]:
+    """A table of retrieved / total per method, per (value of `key`, depth band)."""
+    bands = [b for _, _, b in BANDS]
+    values = sorted({r[key] for r in rows})
+    t: dict[str, dict[tuple[str, str], list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for r in rows:
+        cell = t[r["method"]][(r[key], r["band"])]
+        cell[0] += bool(r["correct"])
+        cell[1] += 1
+    cols = [(v, b) for v in values for b in bands]
+    out = [f"By {label} and depth band:", "", "| method | " + " | ".join(f"{v} {b}" for v, b in cols) + " |",
+           "|---|" + "---:|" * len(cols)]
+    for m in methods:
+        out.append(f"| {m} | " + " | ".join(f"{t[m][c][0]}/{t[m][c][1]}" if c in t[m] else "-" for c in cols) + " |")
+    return out
 
 
 def heatmap(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> Path | None:
@@ -204,8 +228,14 @@ def heatmap(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> Pat
 # ------------------------------------------------------------------ run
 
 
-def load_rows(path: Path) -> list[dict[str, Any]]:
-    return json.loads(path.read_text())["rows"] if path.exists() else []
+def load_recorded(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The rows of a recorded run and its runs' provenance (for --resume)."""
+    if not path.exists():
+        return [], []
+    data = json.loads(path.read_text())
+    meta = data["meta"]
+    earlier = meta.get("earlier_runs", []) + [{k: meta.get(k) for k in ("commit", "date", "command", "wall_s")}]
+    return data["rows"], earlier
 
 
 def main() -> int:
@@ -222,6 +252,9 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--n-gen", type=int, default=N_GEN)
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default bench/results)")
+    ap.add_argument("--max-minutes", type=float, help="start no answer after this many minutes (the rows so far "
+                                                       "are kept; --resume completes them)")
+    ap.add_argument("--note", help="free text recorded in the results' meta (e.g. which native build ran)")
     args = ap.parse_args()
     spec = MODELS[args.model]
     ratios = tuple(float(r) for r in args.ratios.split(","))
@@ -246,35 +279,47 @@ def main() -> int:
 
         items: list[Item] = list(build_items(count, lengths, args.quick, depths=depths))
         if not args.no_chat:
-            items += build_chat_items(count, lengths if args.quick else spec["chat"], args.quick)
+            items += build_chat_items(count, lengths if args.quick or args.lengths else spec["chat"], args.quick)
         tokens = {it.item_id: (chat_tokens(tok_llm, it) if isinstance(it, ChatItem) else tok_llm.tokenize(it.prompt()))
                   for it in items}
+    # a seeded order that mixes haystacks, needle kinds, depths, lengths and the chat items, so that a method cut
+    # short by time still has a balanced subset (run with --resume to complete it)
+    random.Random(0).shuffle(items)
     n_chat = sum(isinstance(it, ChatItem) for it in items)
     print(f"{len(items)} items ({n_chat} chat), {sum(len(t) for t in tokens.values())} prompt tokens; "
           f"methods: {', '.join(m.name for m in methods)}", flush=True)
 
-    rows = load_rows(args.out / f"{name}.json") if args.resume else []
+    rows, earlier = load_recorded(args.out / f"{name}.json") if args.resume else ([], [])
     done = {(r["method"], r["item_id"]) for r in rows}
     command = ("python3 bench/retrieval.py" + " ".join([""] + sys.argv[1:]))
-    meta = provenance(command, model=spec["label"], threads=args.threads, ratios=list(ratios), n_gen=args.n_gen,
+    meta = provenance(command, model=spec["label"], package=str(Path(chelsea_gguf.__file__).parent),
+                      threads=args.threads, ratios=list(ratios), n_gen=args.n_gen,
                       lengths=list(lengths), n_items=len(items) - n_chat, n_chat=n_chat,
-                      methods=[m.name for m in methods])
+                      methods=[m.name for m in methods], **({"earlier_runs": earlier} if earlier else {}),
+                      **({"note": args.note} if args.note else {}))
 
     def write() -> None:
         meta["wall_s"] = round(time.time() - t_start, 1)
         write_json(name, {"meta": meta, "rows": rows}, args.out)
         (args.out / f"{name}.md").write_text(markdown(meta, rows))
 
+    deadline = t_start + 60 * args.max_minutes if args.max_minutes else math.inf
     for m in methods:
         for it in items:
             if (m.name, it.item_id) in done:
                 continue
+            if time.time() > deadline:
+                meta["stopped"] = f"--max-minutes {args.max_minutes:g} reached before {m.name} / {it.item_id}"
+                print(meta["stopped"], flush=True)
+                break
             text, cells, secs = answer(m, it, tokens[it.item_id], path, args.threads, args.n_gen)
             rows.append(row_for(m, it, len(tokens[it.item_id]), text, cells, secs))
             print(json.dumps(rows[-1]), flush=True)
             write()
         if rows:
             heatmap(rows, meta, args.out / f"{name}_heatmap.png")
+        if "stopped" in meta:
+            break
     write()
     print((args.out / f"{name}.md").read_text())
     return 0

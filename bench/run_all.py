@@ -26,8 +26,9 @@ STAGES: dict[str, list[str]] = {
     "gemma": ["decode_bench.py", "--model", "gemma"],
     "memory": ["memory_bench.py"],
     "recent": ["recent_window.py"],
+    "retrieval": ["retrieval.py"],
 }
-QUICK_STAGES = ("kld", "tasks", "speed", "memory")   # the Gemma plan has no quick variant: speed --quick covers the code
+QUICK_STAGES = ("kld", "tasks", "speed", "memory", "retrieval")   # the Gemma plan has no quick variant: speed --quick covers the code
 
 
 def main() -> int:

@@ -264,7 +264,9 @@ def test_retrieval_quick_runs_and_reports(tmp_path: Path) -> None:
     assert methods_run[:2] == ["full f16", "chelsea R=0.25"]
     assert len(rows) == 4 * len(methods_run) and {r["haystack"] for r in rows} == {"prose", "sentences", "code", "chat"}
     assert all(r["cells_held"] > 0 and r["seconds"] > 0 for r in rows)
-    clustered = [r for r in rows if r["method"] == "chelsea R=0.25"]
-    full = [r for r in rows if r["method"] == "full f16"]
-    assert all(c["cells_held"] < f["cells_held"] for c, f in zip(clustered, full))
+    full = {r["item_id"]: r["cells_held"] for r in rows if r["method"] == "full f16"}
+    budget = {r["item_id"]: r["cells_held"] for r in rows if r["method"] == "chelsea R=0.25"}
+    for r in rows:
+        if r["method"] != "full f16":   # after the prompt every method keeps Chelsea's budget (+ the answer)
+            assert r["cells_held"] < full[r["item_id"]] and abs(r["cells_held"] - budget[r["item_id"]]) <= 12, r
     assert "| full f16 |" in (tmp_path / "retrieval_quick.md").read_text()
