@@ -158,14 +158,30 @@ def tokenized(items: list[Any], tokenize) -> list[dict[str, Any]]:
 
 
 def spread(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Round-robin over (length, needle kind, haystack) groups, so the first N items (a partial run) cover
-    every group; inside a group depths are striped over the bands, each group starting at another depth."""
+    """Round-robin over (length, needle kind, haystack) groups, haystacks in turn, so the first N items (a
+    partial run) cover every haystack, kind and length; inside a group depths are striped over the bands, each
+    group starting at another depth. (The run of 2026-12-02 took its 13 items in an earlier order, prose
+    groups first: 12 prose items and 1 of sentences; its rows name them.)"""
     groups: dict[tuple, list] = defaultdict(list)
     for r in records:
         f = r["fields"]
         groups[(f.get("length"), f.get("needle_kind"), f.get("haystack"))].append(r)
+    # consecutive groups differ in haystack (prose, sentences, code, prose, ...), then in needle kind
+    by_hay: dict[Any, list] = defaultdict(list)
+    for key in groups:
+        by_hay[key[2]].append(key)
+    lanes = []
+    for lane in by_hay.values():     # and inside a haystack, needle kinds in turn
+        seen: dict[Any, int] = defaultdict(int)
+        rank = {}
+        for key in lane:
+            rank[key] = seen[key[1]]
+            seen[key[1]] += 1
+        kinds = list(dict.fromkeys(k[1] for k in lane))
+        lanes.append(sorted(lane, key=lambda k: (rank[k], kinds.index(k[1]))))
+    keys = [lane[i] for i in range(max(map(len, lanes), default=0)) for lane in lanes if i < len(lane)]
     queues = []
-    for g, q in enumerate(groups.values()):
+    for g, q in enumerate(groups[k] for k in keys):
         q = sorted(q, key=lambda r: r["fields"].get("depth") or 0)
         striped = sorted(range(len(q)), key=lambda i: (i % 3, i // 3))   # 0,3,6,1,4,7,..: bands in turn
         striped = striped[g % len(q):] + striped[:g % len(q)] if q else striped
@@ -566,6 +582,10 @@ def summarize(rows: list[dict[str, Any]], side: str, common_ids: set[str] | None
         for r in rs:
             kinds[str(r["needle_kind"])].append(r["correct"])
         s["kinds"] = {k: (sum(v), len(v)) for k, v in kinds.items()}
+        hays: dict[str, list] = defaultdict(list)
+        for r in rs:
+            hays[str(r["haystack"])].append(r["correct"])
+        s["hays"] = {k: (sum(v), len(v)) for k, v in hays.items()}
         s["seconds"] = sum(r["seconds"] for r in rs) / len(rs)
         s["prompt_s"] = sum(r[key_t] for r in rs) / len(rs)
         s["prompt_vs_full"] = s["prompt_s"] / full_prompt if full_prompt else None
@@ -608,6 +628,7 @@ def write_report(kv_path: Path = RESULTS / "kvpress_compare.json") -> Path:
     order = {m: i for i, m in enumerate(["full", "Chelsea", *PRESSES])}
     summaries.sort(key=lambda s: (-s["keep"], order.get(s["method"], 99), s["side"]))
     kinds = sorted({k for s in summaries for k in s["kinds"]})
+    hays = sorted({k for s in summaries for k in s["hays"]})
     lines = ["# kvpress side by side (SmolLM2-135M-Instruct Q4_1, plain completion, same token ids)", ""]
     if kv:
         m = kv["meta"]
@@ -631,14 +652,15 @@ def write_report(kv_path: Path = RESULTS / "kvpress_compare.json") -> Path:
                   "same side; total s: with ~10 decoded tokens. Scorer presses share one prefill (their own compress "
                   "time added); KVzip's smaller keep re-masks the scores of its larger keep's reconstruction pass, "
                   "whose time it is given.", ""]
-    head = ["keep", "method", "side", "retrieved", *[b[2] for b in BANDS], *kinds, "prompt s", "vs full", "total s"]
+    head = ["keep", "method", "side", "retrieved", *[b[2] for b in BANDS], *kinds, *hays, "prompt s", "vs full", "total s"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries:
         def frac(t: tuple[int, int]) -> str:
             return f"{t[0]}/{t[1]}" if t[1] else "-"
         cells = [f"{s['keep']:.0%}" if s["method"] != "full" else "100%", s["method"], s["side"],
                  f"{s['correct']}/{s['n']}", *[frac(s[b[2]]) for b in BANDS],
-                 *[frac(s["kinds"].get(k, (0, 0))) for k in kinds], f"{s['prompt_s']:.2f}",
+                 *[frac(s["kinds"].get(k, (0, 0))) for k in kinds],
+                 *[frac(s["hays"].get(k, (0, 0))) for k in hays], f"{s['prompt_s']:.2f}",
                  f"{s['prompt_vs_full']:.2f}x" if s["prompt_vs_full"] else "-", f"{s['seconds']:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")
     path = kv_path.with_suffix(".md")
