@@ -1,5 +1,6 @@
 // chelsea-gguf: CUDA kernels of the Chelsea KV-clustering ops (see native/include/ggml-chelsea.h),
-// called from ggml-cuda's op dispatch (ggml_patches/0007-cuda-chelsea-ops.patch).
+// called from ggml-cuda's op dispatch (ggml_patches/0007-cuda-run-the-Chelsea-KV-clustering-ops-*.patch); the kernels are
+// in chelsea-match.cu, chelsea-plan.cu and chelsea-merge.cu.
 #pragma once
 
 #include "common.cuh"
