@@ -210,6 +210,8 @@ struct chelsea_kv_cluster_params {
     bool    match_values;
     bool    random_pairs;
     uint32_t seed;
+    float    distinct_weight;
+    float    size_weight;
 };
 struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);
 int32_t chelsea_kv_cluster_params_check(const struct chelsea_kv_cluster_params * params, char * err, size_t err_len);

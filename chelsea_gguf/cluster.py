@@ -65,6 +65,11 @@ class ClusterOptions:
     random_pairs: bool = _option("random_pairs", "benchmark baseline: merge seeded random pairs instead of the most "
                                  "similar ones")
     seed: int = _option("seed", "seed of random_pairs")
+    distinct_weight: float = _option("distinct_weight", "merge distinctive cells last: lowers a pair's score by this "
+                                     "times (1 - cos(key, the head's mean key))/2 of its more distinctive cell; 0: off",
+                                     "--kv-distinct-weight")
+    size_weight: float = _option("size_weight", "spread merges: lowers a pair's score by this times tanh(log size) "
+                                 "of its A cell; 0: off", "--kv-size-weight")
 
     def validated(self, label: Callable[["OptionSpec"], str] | None = None) -> "ClusterOptions":
         """Self if every option is valid, else ValueError naming the option as `label` calls it (default: its

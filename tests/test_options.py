@@ -28,7 +28,7 @@ def test_every_field_is_declared_with_its_c_field_keyword_and_doc() -> None:
         assert o.doc and o.doc == o.doc.strip() and "\n" not in o.doc
         assert getattr(c_defaults, o.c_name) == pytest.approx(o.default)  # the default is C's
         assert o.doc in (ClusterOptions.__doc__ or "") and o.keyword in (Llama.__doc__ or "")
-    assert {o.flag for o in OPTIONS if o.flag} == FLAGS
+    assert FLAGS <= {o.flag for o in OPTIONS if o.flag}  # chelsea-run's flags stay
 
 
 def test_to_native_is_the_c_default_for_the_default_options() -> None:

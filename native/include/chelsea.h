@@ -58,6 +58,11 @@ struct chelsea_kv_cluster_params {
                           // same chunk chosen at random (from `seed`) instead of by key similarity; sizes,
                           // weighted means and the bias stay as with the real matching
     uint32_t seed;        // of random_pairs
+    float   distinct_weight; // >= 0: a pair's score is lowered by this times the distinctiveness of its more
+                             // distinctive cell, (1 - cos(key, the head's mean key))/2 (KeyDiff's signal), so cells
+                             // whose keys stand out (a number, a name) merge last; 0: off
+    float   size_weight;     // >= 0: a pair's score is lowered by this times tanh(log size) of its A cell, so merges
+                             // spread over the sequence instead of growing the oldest centroids; 0: off
 };
 
 LLAMA_API struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);

@@ -48,6 +48,12 @@ std::string chelsea_params_problem(const chelsea_kv_cluster_params & p) {
     if (!(p.pass_fraction > 0.0f && p.pass_fraction <= 1.0f)) {
         return out_of_range("pass_fraction", p.pass_fraction, "> 0 and <= 1");
     }
+    if (!(p.distinct_weight >= 0.0f && p.distinct_weight <= 100.0f)) {
+        return out_of_range("distinct_weight", p.distinct_weight, "in 0 .. 100");
+    }
+    if (!(p.size_weight >= 0.0f && p.size_weight <= 100.0f)) {
+        return out_of_range("size_weight", p.size_weight, "in 0 .. 100");
+    }
     return "";
 }
 
@@ -69,6 +75,8 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.match_values = true;
     p.random_pairs = false;
     p.seed       = 0;
+    p.distinct_weight = 0.0f;
+    p.size_weight     = 0.0f;
     return p;
 }
 

@@ -138,6 +138,54 @@ private:
     std::map<std::pair<int64_t, uint32_t>, ggml_tensor *> made;
 };
 
+// (1 - cos(key, the head's mean key))/2 per cell and head, [n, n_head] (cells along ne0): KeyDiff's distinctiveness,
+// with the mean taken over the normalized keys of all n cells of the sequence, as kvpress's KeyDiffPress does
+ggml_tensor * key_distinctiveness(ggml_context * ctx, ggml_tensor * k, int64_t n_head, uint32_t n) {
+    const int64_t head_dim = k->ne[0]/n_head;
+    ggml_tensor * kf = k->type == GGML_TYPE_F32 ? ggml_cont(ctx, k) : ggml_cast(ctx, k, GGML_TYPE_F32);
+    // rms-normalized rows have norm sqrt(head_dim): their dot product is head_dim * cos
+    ggml_tensor * kn = ggml_rms_norm(ctx, ggml_reshape_3d(ctx, kf, head_dim, n_head, n), 1e-6f);
+    ggml_tensor * mean = ggml_mean(ctx, ggml_cont(ctx, ggml_permute(ctx, kn, 1, 2, 0, 3))); // [1, head_dim, n_head]
+    mean = ggml_rms_norm(ctx, ggml_reshape_3d(ctx, mean, head_dim, n_head, 1), 1e-6f);
+    ggml_tensor * dot = ggml_sum_rows(ctx, ggml_mul(ctx, kn, mean));                      // [1, n_head, n]
+    ggml_tensor * d = ggml_scale_bias(ctx, dot, -0.5f/(float) head_dim, 0.5f);
+    return ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, d, n_head, n)));
+}
+
+// the match result with each candidate's score lowered by distinct_weight * max(distinctiveness of A, of its B) and
+// size_weight * tanh(log size of A), then divided by 1 + both weights: the same order of merges as those penalties
+// give, with scores kept in [-1, 1] so that the no-candidate and non-finite marks below stay apart
+ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, ggml_tensor * log_sizes,
+        const chelsea_kv_cluster_params & p, const chelsea_pass & pass) {
+    const int64_t n_region = m->ne[0], n_head = m->ne[1];
+    ggml_tensor * score = ggml_view_2d(ctx, m, n_region, n_head, m->nb[1], 0);
+    ggml_tensor * index = ggml_view_2d(ctx, m, n_region, n_head, m->nb[1], m->nb[2]);
+    ggml_tensor * penalty = nullptr;
+    if (p.distinct_weight > 0.0f) {
+        ggml_tensor * d = key_distinctiveness(ctx, k, n_head, pass.n);
+        ggml_tensor * d_a = ggml_cont(ctx, ggml_view_2d(ctx, d, n_region, n_head, d->nb[1], pass.c0*d->nb[0]));
+        // B cells point at -1: relu makes that 0, a valid row whose value the blend below discards
+        ggml_tensor * rows = ggml_cast(ctx, ggml_relu(ctx, index), GGML_TYPE_I32);
+        ggml_tensor * d_b = ggml_get_rows(ctx, ggml_reshape_3d(ctx, d_a, 1, n_region, n_head), rows);
+        d_b = ggml_reshape_2d(ctx, d_b, n_region, n_head);
+        ggml_tensor * worse = ggml_add(ctx, d_a, ggml_relu(ctx, ggml_sub(ctx, d_b, d_a)));
+        penalty = ggml_scale(ctx, worse, p.distinct_weight);
+    }
+    if (p.size_weight > 0.0f) {
+        ggml_tensor * ls = ggml_cont(ctx, ggml_view_2d(ctx, log_sizes, n_region, n_head, log_sizes->nb[1], pass.c0*log_sizes->nb[0]));
+        ggml_tensor * grown = ggml_scale(ctx, ggml_tanh(ctx, ls), p.size_weight);
+        penalty = penalty ? ggml_add(ctx, penalty, grown) : grown;
+    }
+    // 1 for candidates (scores in [-1, 1]), 0 for the marks GGML_CHELSEA_NO_SCORE and GGML_CHELSEA_NONFINITE
+    ggml_tensor * candidate = ggml_step(ctx, ggml_scale_bias(ctx, score, 1.0f, 1.5f));
+    const float norm = 1.0f/(1.0f + p.distinct_weight + p.size_weight);
+    ggml_tensor * weighed = ggml_scale(ctx, ggml_sub(ctx, score, penalty), norm);
+    // marks stay as they were: candidate*weighed + (1 - candidate)*score
+    weighed = ggml_add(ctx, score, ggml_mul(ctx, candidate, ggml_sub(ctx, weighed, score)));
+    return ggml_concat(ctx, ggml_reshape_3d(ctx, weighed, n_region, n_head, 1),
+            ggml_reshape_3d(ctx, ggml_cont(ctx, index), n_region, n_head, 1), 2);
+}
+
 // the ops of one pass over one cache layer: match (or the random_pairs draw, returned in `drawn`), plan, merge of K
 // and V into the first cells, new sizes and log sizes. Returns the layer's count of non-finite region slices (a
 // scalar tensor), or nullptr for random pairs
@@ -171,7 +219,11 @@ ggml_tensor * build_layer_pass(ggml_context * ctx, ggml_cgraph * gf, pass_span &
         nonfinite = ggml_sum(ctx, ggml_step(ctx, ggml_scale_bias(ctx, scores, -1.0f,
                 0.5f*(GGML_CHELSEA_NO_SCORE + GGML_CHELSEA_NONFINITE))));
     }
-    ggml_tensor * plan = ggml_chelsea_plan(ctx, m, span.cols(s, n_head_kv, pass.n), c0, n_remove);
+    ggml_tensor * sizes = span.cols(s, n_head_kv, pass.n);
+    if (!p.random_pairs && (p.distinct_weight > 0.0f || p.size_weight > 0.0f)) {
+        m = weigh_match(ctx, m, k, span.cols(st.log_sizes[ikv], n_head_kv, pass.n), p, pass);
+    }
+    ggml_tensor * plan = ggml_chelsea_plan(ctx, m, sizes, c0, n_remove);
 
     ggml_build_forward_expand(gf, span.set_rows(layer_k, ggml_chelsea_merge(ctx, k, plan, n_remove, 1)));
     if (vv) {

@@ -1,0 +1,66 @@
+"""How a pass ranks candidate merges: the distinctiveness and size terms (kv_cluster_distinct_weight,
+kv_cluster_size_weight) on the real default model, on varied text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chelsea_gguf import Llama
+from chelsea_gguf._lib import ffi, lib
+from chelsea_gguf.cluster import cluster_sizes
+
+WORDS = ("river harbour lantern copper meadow violin saddle orchard pepper glacier falcon marble thimble canyon "
+         "parsley beacon walnut tundra compass velvet").split()
+
+
+def varied_text(n_sentences: int) -> str:
+    """Sentences that never repeat: the ranking must tell tokens apart, as on ordinary text."""
+    rng = np.random.default_rng(5)
+    return " ".join(f"The {rng.choice(WORDS)} near the {rng.choice(WORDS)} was {int(rng.integers(10, 99999))} "
+                    f"steps from the {rng.choice(WORDS)}." for _ in range(n_sentences))
+
+
+def compress(model_path: Path, **weights: float) -> tuple[dict, list[list[float]], np.ndarray]:
+    with Llama(str(model_path), n_ctx=2048, n_threads=2, verbose=False, kv_cluster=True, kv_cluster_ratio=0.25,
+               **weights) as llm:
+        tokens = llm.tokenize(varied_text(60))[:1200]
+        llm.eval(tokens)
+        assert lib.chelsea_kv_cluster_compress(llm.ctx, 0) > 0
+        llm.eval([tokens[3]])
+        stats = llm.kv_cluster_stats()
+        logits = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(llm.ctx, -1), 4 * llm.n_vocab()),
+                               dtype=np.float32).copy()
+        return stats, cluster_sizes(llm.ctx, 0, stats["cells"]), logits
+
+
+@pytest.fixture(scope="module")
+def default_run(model_path: Path) -> tuple[dict, list[list[float]], np.ndarray]:
+    return compress(model_path)
+
+
+@pytest.mark.parametrize("weights", [{"kv_cluster_distinct_weight": 2.0}, {"kv_cluster_size_weight": 1.0},
+                                     {"kv_cluster_distinct_weight": 1.0, "kv_cluster_size_weight": 0.5}])
+def test_weighted_ranking_merges_other_cells_to_the_same_budget(model_path: Path, default_run, weights) -> None:
+    base_stats, base_sizes, _ = default_run
+    stats, sizes, logits = compress(model_path, **weights)
+    assert stats["cells"] == base_stats["cells"] < stats["tokens"] == base_stats["tokens"]
+    for head in sizes:
+        assert sum(head) == pytest.approx(stats["tokens"])   # every token is in exactly one cell
+    assert sizes != base_sizes
+    assert np.isfinite(logits).all()
+
+
+def test_size_weight_spreads_merges(model_path: Path, default_run) -> None:
+    """Penalizing merges into grown cells leaves fewer large centroids than the default ranking."""
+    _, base_sizes, _ = default_run
+    _, sizes, _ = compress(model_path, kv_cluster_size_weight=4.0)
+    assert max(max(h) for h in sizes) < max(max(h) for h in base_sizes)
+
+
+def test_zero_weights_are_the_default_ranking(model_path: Path, default_run) -> None:
+    base_stats, base_sizes, base_logits = default_run
+    stats, sizes, logits = compress(model_path, kv_cluster_distinct_weight=0.0, kv_cluster_size_weight=0.0)
+    assert sizes == base_sizes and np.array_equal(logits, base_logits)
