@@ -4,16 +4,13 @@ reference text, and the provenance recorded with results (commit, CPU, cores).""
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 from chelsea_gguf import Llama
 
 from baselines import Session
+from provenance import provenance
 from methods import (FULL, N_BATCH, RANDOM_SEED, Chelsea, Eviction, KeyDiff, Knorm, Method, RandomMerge, Shift,
                      Streaming, chelsea, chelsea_cells, context_shift, full_quantized, keydiff, knorm, random_merge,
                      streaming)
@@ -67,26 +64,6 @@ def document_tokens(llm: Llama, n: int) -> list[int]:
     if len(tokens) < n:
         raise SystemExit(f"the reference text has only {len(tokens)} tokens, fewer than {n}")
     return tokens[:n]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def provenance(command: str, **extra: Any) -> dict[str, Any]:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, cwd=Path(__file__).parent).stdout.strip()
-    return {"commit": (commit or "unknown") + ("+dirty" if dirty else ""), "cpu": cpu_model(),
-            "cores": len(os.sched_getaffinity(0)), "machine": platform.machine(),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": command, **extra}
 
 
 def amend_json(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], out: Path = RESULTS) -> Path:

@@ -43,8 +43,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -63,6 +61,7 @@ LENGTHS = (1024, 2048, 3072, 4096)   # bench/retrieval.py's SmolLM2 lengths: the
 BANDS = ((0.0, 1 / 3, "0-33%"), (1 / 3, 2 / 3, "33-66%"), (2 / 3, 1.0001, "66-100%"))
 
 sys.path.insert(0, str(BENCH))
+from provenance import provenance  # noqa: E402  (bench/ is on the path from here on)
 
 
 # ---------------------------------------------------------------------------------------------- common
@@ -76,27 +75,6 @@ def gguf_path(arg: str | None) -> Path:
         return Path(smollm2_path())
     except Exception:  # noqa: BLE001 - the venv has no built chelsea_gguf: the file where it puts the model
         return DEFAULT_GGUF
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def provenance(command: str, **extra: Any) -> dict[str, Any]:
-    """As bench/common.provenance (which needs chelsea_gguf, absent from the venv)."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    dirty = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": (git("rev-parse", "--short", "HEAD") or "unknown") + ("+dirty" if dirty else ""),
-            "cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "machine": platform.machine(),
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "command": command, **extra}
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
