@@ -402,7 +402,8 @@ def make_item(haystack: str, needle_kind: str, depth: float, length: int, count_
 
 def build_items(count_tokens: CountTokens, lengths: Sequence[int], quick: bool = False, *,
                 depths: Sequence[float] | None = None, every_length: bool = False,
-                haystacks: Sequence[str] = HAYSTACKS, needle_kinds: Sequence[str] = NEEDLE_KINDS) -> list[RetrievalItem]:
+                haystacks: Sequence[str] = HAYSTACKS,
+                needle_kinds: Sequence[str] = NEEDLE_KINDS) -> list[RetrievalItem]:
     """Items for every (haystack, needle kind, depth). Each combination gets one of `lengths` in rotation
     (so every length meets every kind and depth band), or every length with ``every_length``. ``quick``: one
     item per haystack at depth 0.5, needle kinds in turn, at the first length."""

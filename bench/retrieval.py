@@ -35,6 +35,7 @@ from common import (FULL, RESULTS, Method, chelsea, context_shift, full_quantize
 from haystacks import BANDS, ChatItem, RetrievalItem, band, build_chat_items, build_items
 
 N_GEN = 10
+CHAT_N_GEN = 24    # a chat answer is a sentence ("The locker number is 764."): 10 tokens cut some before the answer
 MODELS: dict[str, dict[str, Any]] = {
     "smollm2": {"label": "SmolLM2-135M-Instruct Q4_1", "lengths": (1024, 2048, 3072, 4096), "chat": (1024, 1536, 2048),
                 "quick": (256,), "suffix": ""},
@@ -91,11 +92,13 @@ def answer(method: Method, item: Item, tokens: list[int], path: str | None, thre
     return text, cells, time.perf_counter() - t0
 
 
-def row_for(method: Method, item: Item, n_tokens: int, output: str, cells: int, secs: float) -> dict[str, Any]:
+def row_for(method: Method, item: Item, n_tokens: int, n_gen: int, output: str, cells: int,
+            secs: float) -> dict[str, Any]:
     return {"method": method.name, "kind": method.kind, "ratio": method.ratio, "type_kv": method.type_kv,
             "item_id": item.item_id, "haystack": item.haystack, "needle_kind": item.needle_kind,
             "depth": item.depth, "band": band(item.depth), "length": item.length, "n_tokens": n_tokens,
-            "answer": item.answer, "output": output, "correct": item.correct(output), "cells_held": cells,
+            "answer": item.answer, "n_gen": n_gen, "output": output, "correct": item.correct(output),
+            "cells_held": cells,
             "seconds": round(secs, 2)}
 
 
@@ -125,11 +128,17 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     chat_rows = [r for r in rows if r["haystack"] == "chat"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     bands = [b for _, _, b in BANDS]
-    by_band, by_kind, by_hay = tally(needle_rows, "band"), tally(needle_rows, "needle_kind"), tally(needle_rows, "haystack")
+    by_band, by_kind = tally(needle_rows, "band"), tally(needle_rows, "needle_kind")
+    by_hay = tally(needle_rows, "haystack")
     chat = tally(chat_rows, "haystack")
     kinds = sorted({r["needle_kind"] for r in needle_rows})
     hays = sorted({r["haystack"] for r in needle_rows})
-    full = by_band.get(FULL.name, {})
+    full_found = {r["item_id"]: bool(r["correct"]) for r in needle_rows if r["method"] == FULL.name}
+    # per method and band: what the full cache retrieved of the items that method answered (a method cut short
+    # by time is compared on its own items)
+    full_ref: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in needle_rows:
+        full_ref[r["method"]][r["band"]] += full_found.get(r["item_id"], False)
     held: dict[str, list[int]] = defaultdict(list)
     secs: dict[str, list[float]] = defaultdict(list)
     for r in rows:
@@ -141,14 +150,16 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
     lines = [f"Needle retrieval on varied text, {meta['model']}; {meta['n_items']} needle items "
              f"({', '.join(hays)} x {', '.join(kinds)}, depths 5-95%, lengths {meta['lengths']}) and "
-             f"{meta['n_chat']} multi-turn chat items; greedy, {meta['n_gen']} tokens; commit {meta['commit']}, "
+             f"{meta['n_chat']} multi-turn chat items; greedy, {meta['n_gen']} tokens "
+             f"({meta.get('chat_n_gen', meta['n_gen'])} for chat); commit {meta['commit']}, "
              f"{meta['cpu']}, {meta['threads']} thread(s); `{meta['command']}`.", "",
              *([f"**Stopped early**: {meta['stopped']}; the methods after it are missing or partial "
                 "(`--resume` completes them).", ""] if meta.get("stopped") else []),
              "Retrieved / total; the full cache is the ceiling, and `(x%)` is a band's share of what the full cache "
-             "retrieved in that band. ± is the 95% interval of the overall share (points). Baselines at R hold "
-             "Chelsea's physical cells at R while the prompt is fed and, once it is in, evict down to the budget "
-             "Chelsea compresses to (R x tokens), so every method answers from the same number of cells.", "",
+             "retrieved of the same items in that band. ± is the 95% interval of the overall share (points). "
+             "Baselines at R hold Chelsea's physical cells at R while the prompt is fed and, once it is in, evict "
+             "down to the budget Chelsea compresses to (R x tokens), so every method answers from the same number "
+             "of cells.", "",
              "| method | all | ± | " + " | ".join(f"depth {b}" for b in bands) + " | " + " | ".join(kinds) + " | "
              + " | ".join(hays) + " | chat | cells held (mean) | s/item |",
              "|---|---:|---:|" + "---:|" * (len(bands) + len(kinds) + len(hays) + 3)]
@@ -159,8 +170,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         cells = []
         for b in bands:
             kn = per_band.get(b)
-            ref = full.get(b)
-            share = f" ({100 * kn[0] / ref[0]:.0f}%)" if kn and ref and ref[0] and m != FULL.name else ""
+            ref = full_ref[m][b]
+            share = f" ({100 * kn[0] / ref:.0f}%)" if kn and ref and m != FULL.name else ""
             cells.append(frac(kn) + share)
         lines.append(f"| {m} | {frac((k, n)) if n else '-'} | {wilson(k, n):.0f} | " + " | ".join(cells) + " | "
                      + " | ".join(frac(by_kind.get(m, {}).get(x)) for x in kinds) + " | "
@@ -218,7 +229,8 @@ def heatmap(rows: list[dict[str, Any]], meta: dict[str, Any], path: Path) -> Pat
         ax.set_xticks(range(len(methods)), methods, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(values)), values, fontsize=8)
         ax.set_ylabel(label)
-    fig.suptitle(f"Needle retrieval on varied text (green: found), {meta['model']}, commit {meta['commit']}", fontsize=9)
+    fig.suptitle(f"Needle retrieval on varied text (green: found), {meta['model']}, commit {meta['commit']}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -238,6 +250,14 @@ def load_recorded(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     return data["rows"], earlier
 
 
+def report_only(stem: Path) -> int:
+    data = json.loads(stem.with_suffix(".json").read_text())
+    stem.with_suffix(".md").write_text(markdown(data["meta"], data["rows"]))
+    heatmap(data["rows"], data["meta"], stem.parent / f"{stem.name}_heatmap.png")
+    print(stem.with_suffix(".md").read_text())
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
@@ -250,13 +270,18 @@ def main() -> int:
     ap.add_argument("--resume", action="store_true", help="keep the recorded rows, run only what is missing")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--n-gen", type=int, default=N_GEN)
+    ap.add_argument("--n-gen", type=int, default=N_GEN, help="tokens generated per needle item")
+    ap.add_argument("--chat-n-gen", type=int, default=CHAT_N_GEN, help="tokens generated per chat item")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default bench/results)")
     ap.add_argument("--max-minutes", type=float, help="start no answer after this many minutes (the rows so far "
                                                        "are kept; --resume completes them)")
     ap.add_argument("--note", help="free text recorded in the results' meta (e.g. which native build ran)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite the table and the heat map from the "
+                                                                 "recorded results, run nothing")
     args = ap.parse_args()
     spec = MODELS[args.model]
+    if args.report_only:
+        return report_only(args.out / ("retrieval" + spec["suffix"] + ("_quick" if args.quick else "")))
     ratios = tuple(float(r) for r in args.ratios.split(","))
     if args.quick and not args.only:
         methods = [FULL, chelsea(ratios[0]), keydiff(ratios[0])]
@@ -267,7 +292,8 @@ def main() -> int:
         if skipped:
             print(f"skipping {', '.join(skipped)}: this library has no chelsea_kv_keys", flush=True)
         methods = [m for m in methods if m.name not in skipped]
-    lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else spec["quick" if args.quick else "lengths"]
+    lengths = (tuple(int(x) for x in args.lengths.split(",")) if args.lengths
+               else spec["quick" if args.quick else "lengths"])
     depths = tuple(float(x) for x in args.depths.split(",")) if args.depths else None
     name = "retrieval" + spec["suffix"] + ("_quick" if args.quick else "")
     path = model_path(args.model)
@@ -289,11 +315,16 @@ def main() -> int:
     print(f"{len(items)} items ({n_chat} chat), {sum(len(t) for t in tokens.values())} prompt tokens; "
           f"methods: {', '.join(m.name for m in methods)}", flush=True)
 
+    def n_gen_of(haystack: str) -> int:
+        return args.chat_n_gen if haystack == "chat" else args.n_gen
+
     rows, earlier = load_recorded(args.out / f"{name}.json") if args.resume else ([], [])
+    # a recorded answer counts when it generated as many tokens as this run would (rows before the n_gen field: 10)
+    rows = [r for r in rows if r.get("n_gen", N_GEN) == n_gen_of(r["haystack"])]
     done = {(r["method"], r["item_id"]) for r in rows}
     command = ("python3 bench/retrieval.py" + " ".join([""] + sys.argv[1:]))
     meta = provenance(command, model=spec["label"], package=str(Path(chelsea_gguf.__file__).parent),
-                      threads=args.threads, ratios=list(ratios), n_gen=args.n_gen,
+                      threads=args.threads, ratios=list(ratios), n_gen=args.n_gen, chat_n_gen=args.chat_n_gen,
                       lengths=list(lengths), n_items=len(items) - n_chat, n_chat=n_chat,
                       methods=[m.name for m in methods], **({"earlier_runs": earlier} if earlier else {}),
                       **({"note": args.note} if args.note else {}))
@@ -312,8 +343,9 @@ def main() -> int:
                 meta["stopped"] = f"--max-minutes {args.max_minutes:g} reached before {m.name} / {it.item_id}"
                 print(meta["stopped"], flush=True)
                 break
-            text, cells, secs = answer(m, it, tokens[it.item_id], path, args.threads, args.n_gen)
-            rows.append(row_for(m, it, len(tokens[it.item_id]), text, cells, secs))
+            n_gen = n_gen_of(it.haystack)
+            text, cells, secs = answer(m, it, tokens[it.item_id], path, args.threads, n_gen)
+            rows.append(row_for(m, it, len(tokens[it.item_id]), n_gen, text, cells, secs))
             print(json.dumps(rows[-1]), flush=True)
             write()
         if rows:

@@ -268,5 +268,5 @@ def test_retrieval_quick_runs_and_reports(tmp_path: Path) -> None:
     budget = {r["item_id"]: r["cells_held"] for r in rows if r["method"] == "chelsea R=0.25"}
     for r in rows:
         if r["method"] != "full f16":   # after the prompt every method keeps Chelsea's budget (+ the answer)
-            assert r["cells_held"] < full[r["item_id"]] and abs(r["cells_held"] - budget[r["item_id"]]) <= 12, r
+            assert r["cells_held"] < full[r["item_id"]] and abs(r["cells_held"] - budget[r["item_id"]]) <= 26, r
     assert "| full f16 |" in (tmp_path / "retrieval_quick.md").read_text()
