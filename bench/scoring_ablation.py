@@ -2,13 +2,16 @@
 
     python3 bench/scoring_ablation.py --ratio 0.2 --config "distinct=1"          # one configuration, one process
     python3 bench/scoring_ablation.py --ratio 0.2 --config "distinct=1,size=0.5"
+    python3 bench/scoring_ablation.py --kld "default;distinct=1"                 # KLD of each against the full cache
     python3 bench/scoring_ablation.py --report                                  # the table of every recorded run
 
 A configuration sets ClusterOptions fields by short names (``distinct`` = ``kv_cluster_distinct_weight``,
 ``size`` = ``kv_cluster_size_weight``, or any field name); ``default`` is today's defaults. Each run answers the
 same needle items (no chat items: they do not depend on the ranking more than the needle items do) and writes
 ``results/scoring_ablation/<R>_<config>.json``; ``--report`` writes ``results/scoring_ablation.md`` with retrieval
-per depth band and needle kind, the full cache's rows (from ``--full``) as the ceiling.
+per depth band and needle kind, the full cache's rows (from ``--full``) as the ceiling. ``--kld`` scores the
+configurations as bench/quality_kld.py does (3072 tokens of pydoc_data.topics, the last 1536 scored) into
+``results/scoring_ablation_kld.json``.
 """
 
 from __future__ import annotations
@@ -20,11 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from chelsea_gguf.cluster import KEYWORD_FIELDS
 
-from common import FULL, RESULTS, provenance, write_json
+from common import FULL, RESULTS, document_tokens, provenance, write_json
 from haystacks import BANDS, build_items
 from methods import Chelsea
+from quality_kld import method_logprobs, score
 from retrieval import answer, row_for, tally, wilson
 
 SHORT = {"distinct": "distinct_weight", "size": "size_weight"}
@@ -48,7 +54,7 @@ def parse_config(text: str) -> dict[str, Any]:
 
 
 def run(ratio: float, config: str, threads: int, full: bool) -> Path:
-    method = FULL if full else Chelsea(f"chelsea R={ratio:g} {config}", ratio, extra=parse_config(config))
+    method = FULL if full else chelsea_with(ratio, config)
     with FULL.open(64, None, 1) as tok_llm:
         items = build_items(lambda t: len(tok_llm.tokenize(t)), LENGTHS, depths=DEPTHS)
         tokens = {it.item_id: tok_llm.tokenize(it.prompt()) for it in items}
@@ -59,11 +65,38 @@ def run(ratio: float, config: str, threads: int, full: bool) -> Path:
                       config=config, threads=threads, lengths=list(LENGTHS), depths=list(DEPTHS))
     for it in items:
         text, cells, secs = answer(method, it, tokens[it.item_id], None, threads, 10)
-        rows.append(row_for(method, it, len(tokens[it.item_id]), text, cells, secs))
+        rows.append(row_for(method, it, len(tokens[it.item_id]), 10, text, cells, secs))
         print(json.dumps(rows[-1]), flush=True)
         meta["wall_s"] = round(time.time() - t0, 1)
         write_json(name, {"meta": meta, "rows": rows}, OUT)
     return OUT / f"{name}.json"
+
+
+def chelsea_with(ratio: float, config: str) -> Chelsea:
+    return Chelsea(f"chelsea R={ratio:g} {config}", ratio, extra=parse_config(config))
+
+
+def kld(ratio: float, configs: list[str], threads: int) -> Path:
+    """KLD, top-1 agreement and perplexity of each configuration against the full cache, as quality_kld.py."""
+    n, n_score = 3072, 1536
+    with FULL.open(16, n_threads=1) as tok_llm:
+        tokens = document_tokens(tok_llm, n)
+    first = n - n_score - 1
+    targets = np.array(tokens[first + 1:], dtype=np.int64)
+    ref, _, _ = method_logprobs(FULL, tokens, first, threads)
+    path = RESULTS / "scoring_ablation_kld.json"
+    data = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
+    for config in configs:
+        m = chelsea_with(ratio, config)
+        lp, cells, secs = method_logprobs(m, tokens, first, threads)
+        data["rows"] = [r for r in data["rows"] if r["method"] != m.name]
+        data["rows"].append({"method": m.name, "ratio": ratio, "config": config, "cells_held": cells,
+                             "seconds": round(secs, 1), **score(ref, lp, targets)})
+        print(json.dumps(data["rows"][-1]), flush=True)
+        data["meta"] = provenance("python3 bench/scoring_ablation.py" + " ".join([""] + sys.argv[1:]),
+                                  n_tokens=n, n_scored=n_score, threads=threads)
+        write_json("scoring_ablation_kld", data)
+    return path
 
 
 def report() -> Path:
@@ -71,7 +104,6 @@ def report() -> Path:
     rows = [r for run in runs for r in run["rows"]]
     methods = list(dict.fromkeys(r["method"] for r in sorted(rows, key=lambda r: (r["method"] != FULL.name, r["method"]))))
     by_band, by_kind = tally(rows, "band"), tally(rows, "needle_kind")
-    full = by_band.get(FULL.name, {})
     bands = [b for _, _, b in BANDS]
     kinds = sorted({r["needle_kind"] for r in rows})
     secs: dict[str, list[float]] = {}
@@ -79,21 +111,32 @@ def report() -> Path:
         secs.setdefault(r["method"], []).append(r["seconds"])
     lines = ["Ablation of the merge ranking on varied-text needles (SmolLM2-135M Q4_1, lengths "
              f"{list(LENGTHS)}, depths {list(DEPTHS)}, 3 haystacks x 3 needle kinds; `bench/scoring_ablation.py`). "
-             "Retrieved / total, (x%) = share of what the full cache retrieved in that band; ± = 95% interval "
+             "Retrieved / total, (x%) = share of what the full cache retrieved in that band on the same items; ± = 95% "
+             "interval "
              "(points). Seconds per item ran beside other jobs on 2 shared cores: compare within a row only.", "",
              "| method | all | ± | " + " | ".join(f"depth {b}" for b in bands) + " | " + " | ".join(kinds) + " | s/item |",
              "|---|---:|---:|" + "---:|" * (len(bands) + len(kinds) + 1)]
+    full_correct = {r["item_id"]: r["correct"] for r in rows if r["method"] == FULL.name}
     for m in methods:
         per = by_band.get(m, {})
         k, n = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
+        # the ceiling on the items this method answered (a run cut short answered fewer)
+        ran = {r["item_id"]: r["band"] for r in rows if r["method"] == m}
+        ceiling = {b: (sum(full_correct.get(i, False) for i, bb in ran.items() if bb == b), 0) for b in bands}
         cells = []
         for b in bands:
-            kn, ref = per.get(b), full.get(b)
+            kn, ref = per.get(b), ceiling.get(b)
             share = f" ({100 * kn[0] / ref[0]:.0f}%)" if kn and ref and ref[0] and m != FULL.name else ""
             cells.append((f"{kn[0]}/{kn[1]}" if kn else "-") + share)
         kinds_cells = [f"{by_kind[m][x][0]}/{by_kind[m][x][1]}" if x in by_kind.get(m, {}) else "-" for x in kinds]
         lines.append(f"| {m} | {k}/{n} | {wilson(k, n):.0f} | " + " | ".join(cells) + " | " + " | ".join(kinds_cells)
                      + f" | {sum(secs[m]) / len(secs[m]):.1f} |")
+    kld_path = RESULTS / "scoring_ablation_kld.json"
+    if kld_path.exists():
+        lines += ["", "KL divergence against the full cache (3072 tokens of pydoc_data.topics, the last 1536 scored):", "",
+                  "| method | KLD | top-1 agree | ppl | cells held |", "|---|---:|---:|---:|---:|"]
+        for r in sorted(json.loads(kld_path.read_text())["rows"], key=lambda r: (r["ratio"], r["method"])):
+            lines.append(f"| {r['method']} | {r['kld']:.4f} | {r['top1_agree']:.3f} | {r['ppl']:.2f} | {r['cells_held']} |")
     path = RESULTS / "scoring_ablation.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -106,8 +149,11 @@ def main() -> int:
     ap.add_argument("--full", action="store_true", help="run the full cache (the ceiling) instead")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only write the table of the recorded runs")
+    ap.add_argument("--kld", help="semicolon-separated configurations to score by KLD instead")
     args = ap.parse_args()
-    if not args.report:
+    if args.kld:
+        print(kld(args.ratio, args.kld.split(";"), args.threads))
+    elif not args.report:
         print(run(args.ratio, args.config, args.threads, args.full))
     print(report().read_text())
     return 0

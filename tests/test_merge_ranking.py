@@ -10,7 +10,7 @@ import pytest
 
 from chelsea_gguf import Llama
 from chelsea_gguf._lib import ffi, lib
-from chelsea_gguf.cluster import cluster_sizes
+from chelsea_gguf.cluster import ClusterOptions, cluster_sizes
 
 WORDS = ("river harbour lantern copper meadow violin saddle orchard pepper glacier falcon marble thimble canyon "
          "parsley beacon walnut tundra compass velvet").split()
@@ -36,9 +36,13 @@ def compress(model_path: Path, **weights: float) -> tuple[dict, list[list[float]
         return stats, cluster_sizes(llm.ctx, 0, stats["cells"]), logits
 
 
+UNWEIGHTED = {"kv_cluster_distinct_weight": 0.0, "kv_cluster_size_weight": 0.0}
+
+
 @pytest.fixture(scope="module")
 def default_run(model_path: Path) -> tuple[dict, list[list[float]], np.ndarray]:
-    return compress(model_path)
+    """The ranking by similarity alone, as the paper ranks."""
+    return compress(model_path, **UNWEIGHTED)
 
 
 @pytest.mark.parametrize("weights", [{"kv_cluster_distinct_weight": 2.0}, {"kv_cluster_size_weight": 1.0},
@@ -60,7 +64,18 @@ def test_size_weight_spreads_merges(model_path: Path, default_run) -> None:
     assert max(max(h) for h in sizes) < max(max(h) for h in base_sizes)
 
 
-def test_zero_weights_are_the_default_ranking(model_path: Path, default_run) -> None:
+def test_zero_weights_leave_the_similarity_ranking(model_path: Path, default_run) -> None:
+    """Weights of 0 build the pass graph without the terms: the similarity ranking, the same merges and logits
+    run to run."""
     base_stats, base_sizes, base_logits = default_run
-    stats, sizes, logits = compress(model_path, kv_cluster_distinct_weight=0.0, kv_cluster_size_weight=0.0)
+    stats, sizes, logits = compress(model_path, **UNWEIGHTED)
     assert sizes == base_sizes and np.array_equal(logits, base_logits)
+
+
+def test_default_ranking_weighs_distinctiveness(model_path: Path, default_run) -> None:
+    """The default (measured best on varied-text needles, bench/results/scoring_ablation.md) guards distinctive
+    cells, so it merges other cells than similarity alone."""
+    _, base_sizes, _ = default_run
+    assert ClusterOptions().distinct_weight > 0.0
+    _, sizes, _ = compress(model_path)
+    assert sizes != base_sizes

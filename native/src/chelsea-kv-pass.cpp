@@ -145,8 +145,10 @@ ggml_tensor * key_distinctiveness(ggml_context * ctx, ggml_tensor * k, int64_t n
     ggml_tensor * kf = k->type == GGML_TYPE_F32 ? ggml_cont(ctx, k) : ggml_cast(ctx, k, GGML_TYPE_F32);
     // rms-normalized rows have norm sqrt(head_dim): their dot product is head_dim * cos
     ggml_tensor * kn = ggml_rms_norm(ctx, ggml_reshape_3d(ctx, kf, head_dim, n_head, n), 1e-6f);
-    ggml_tensor * mean = ggml_mean(ctx, ggml_cont(ctx, ggml_permute(ctx, kn, 1, 2, 0, 3))); // [1, head_dim, n_head]
-    mean = ggml_rms_norm(ctx, ggml_reshape_3d(ctx, mean, head_dim, n_head, 1), 1e-6f);
+    // the sum over cells points where the mean does, and the norm below drops the length: repeat_back sums over the
+    // cells without moving them to ne0 first
+    ggml_tensor * shape = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, head_dim, n_head, 1);
+    ggml_tensor * mean = ggml_rms_norm(ctx, ggml_repeat_back(ctx, kn, shape), 1e-6f);
     ggml_tensor * dot = ggml_sum_rows(ctx, ggml_mul(ctx, kn, mean));                      // [1, n_head, n]
     ggml_tensor * d = ggml_scale_bias(ctx, dot, -0.5f/(float) head_dim, 0.5f);
     return ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, d, n_head, n)));
