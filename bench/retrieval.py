@@ -32,9 +32,11 @@ from chelsea_gguf.chat import format_chat_prompt
 
 from common import (FULL, RESULTS, Method, chelsea, context_shift, full_quantized, keydiff, knorm, only_methods,
                     provenance, random_merge, streaming, write_json)
-from haystacks import BANDS, ChatItem, RetrievalItem, band, build_chat_items, build_items
+from haystacks import (BANDS, HAYSTACKS, NEEDLE_KINDS, ChatItem, RetrievalItem, band, build_chat_items,
+                       build_items)
 
 N_GEN = 10
+PROTOCOLS = ("compress-then-ask", "in-prompt")
 CHAT_N_GEN = 24    # a chat answer is a sentence ("The locker number is 764."): 10 tokens cut some before the answer
 MODELS: dict[str, dict[str, Any]] = {
     "smollm2": {"label": "SmolLM2-135M-Instruct Q4_1", "lengths": (1024, 2048, 3072, 4096), "chat": (1024, 1536, 2048),
@@ -76,29 +78,43 @@ def chat_tokens(llm: Llama, item: ChatItem) -> list[int]:
     return llm.tokenize(format_chat_prompt(llm.model, item.messages(), llm.chat_format), add_bos=True, special=True)
 
 
-def answer(method: Method, item: Item, tokens: list[int], path: str | None, threads: int,
+def prompt_parts(llm: Llama, item: Item, protocol: str) -> list[list[int]]:
+    """The token lists a session feeds one after another, settling (compressing or evicting to budget) after
+    each but the last: [context, question] for ``compress-then-ask``, [context + question] for ``in-prompt``;
+    a chat item is one templated prompt (create_chat_completion's)."""
+    if isinstance(item, ChatItem):
+        return [chat_tokens(llm, item)]
+    if protocol == "in-prompt":
+        return [llm.tokenize(item.prompt())]
+    return [llm.tokenize(item.context), llm.tokenize(item.question, add_bos=False)]
+
+
+def answer(method: Method, item: Item, parts: list[list[int]], path: str | None, threads: int,
            n_gen: int) -> tuple[str, int, float]:
     """Greedy answer, cells held after it, seconds (the context's creation included)."""
     t0 = time.perf_counter()
-    n_ctx = len(tokens) + n_gen + 16
+    n_ctx = sum(map(len, parts)) + n_gen + 16
     with method.open(n_ctx, path, threads) as llm:
         if isinstance(item, ChatItem):
             text, cells = method.chat(llm, item.messages(), n_gen)
         else:
             with method.session(llm, n_ctx) as s:
-                out = s.greedy(tokens, n_gen)
+                for part in parts[:-1]:
+                    s.feed(part)
+                    s.settle()
+                out = s.greedy(parts[-1], n_gen)
                 cells = s.cells_used()
             text = llm.detokenize(out).decode("utf-8", errors="replace")
     return text, cells, time.perf_counter() - t0
 
 
-def row_for(method: Method, item: Item, n_tokens: int, n_gen: int, output: str, cells: int,
+def row_for(method: Method, item: Item, n_tokens: int, n_gen: int, protocol: str, output: str, cells: int,
             secs: float) -> dict[str, Any]:
     return {"method": method.name, "kind": method.kind, "ratio": method.ratio, "type_kv": method.type_kv,
             "item_id": item.item_id, "haystack": item.haystack, "needle_kind": item.needle_kind,
             "depth": item.depth, "band": band(item.depth), "length": item.length, "n_tokens": n_tokens,
-            "answer": item.answer, "n_gen": n_gen, "output": output, "correct": item.correct(output),
-            "cells_held": cells,
+            "answer": item.answer, "protocol": protocol, "n_gen": n_gen, "output": output,
+            "correct": item.correct(output), "cells_held": cells,
             "seconds": round(secs, 2)}
 
 
@@ -151,7 +167,12 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"Needle retrieval on varied text, {meta['model']}; {meta['n_items']} needle items "
              f"({', '.join(hays)} x {', '.join(kinds)}, depths 5-95%, lengths {meta['lengths']}) and "
              f"{meta['n_chat']} multi-turn chat items; greedy, {meta['n_gen']} tokens "
-             f"({meta.get('chat_n_gen', meta['n_gen'])} for chat); commit {meta['commit']}, "
+             f"({meta.get('chat_n_gen', meta['n_gen'])} for chat); "
+             + ("the context brought to budget before the question is asked"
+                if meta.get("protocol", "in-prompt") == "compress-then-ask" else
+                "context and question in one prompt (the first answer token from the prompt's last chunk, before the "
+                "cache is brought to budget)")
+             + f" (chat: create_chat_completion); commit {meta['commit']}, "
              f"{meta['cpu']}, {meta['threads']} thread(s); `{meta['command']}`.", "",
              *([f"**Stopped early**: {meta['stopped']}; the methods after it are missing or partial "
                 "(`--resume` completes them).", ""] if meta.get("stopped") else []),
@@ -267,9 +288,16 @@ def main() -> int:
     ap.add_argument("--lengths", help="comma-separated context tokens (default per model)")
     ap.add_argument("--depths", help="comma-separated needle depths (default haystacks.DEPTHS)")
     ap.add_argument("--no-chat", action="store_true", help="leave out the multi-turn chat items")
+    ap.add_argument("--needle-kinds", help="comma-separated needle kinds (default all)")
+    ap.add_argument("--haystacks", help="comma-separated haystacks (default all)")
     ap.add_argument("--resume", action="store_true", help="keep the recorded rows, run only what is missing")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--protocol", choices=PROTOCOLS, default=PROTOCOLS[0],
+                    help="compress-then-ask: the context is fed and brought to budget, then the question is asked "
+                         "(kvpress' and the measured anchors' protocol); in-prompt: context and question are one "
+                         "prompt, so the first answer token comes from the prompt's last chunk, before the cache is "
+                         "brought to budget (Llama.create_completion's path)")
     ap.add_argument("--n-gen", type=int, default=N_GEN, help="tokens generated per needle item")
     ap.add_argument("--chat-n-gen", type=int, default=CHAT_N_GEN, help="tokens generated per chat item")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for the results (default bench/results)")
@@ -281,7 +309,8 @@ def main() -> int:
     args = ap.parse_args()
     spec = MODELS[args.model]
     if args.report_only:
-        return report_only(args.out / ("retrieval" + spec["suffix"] + ("_quick" if args.quick else "")))
+        return report_only(args.out / ("retrieval" + spec["suffix"] + ("_in_prompt" if args.protocol == "in-prompt"
+                                                                       else "") + ("_quick" if args.quick else "")))
     ratios = tuple(float(r) for r in args.ratios.split(","))
     if args.quick and not args.only:
         methods = [FULL, chelsea(ratios[0]), keydiff(ratios[0])]
@@ -295,7 +324,8 @@ def main() -> int:
     lengths = (tuple(int(x) for x in args.lengths.split(",")) if args.lengths
                else spec["quick" if args.quick else "lengths"])
     depths = tuple(float(x) for x in args.depths.split(",")) if args.depths else None
-    name = "retrieval" + spec["suffix"] + ("_quick" if args.quick else "")
+    name = ("retrieval" + spec["suffix"] + ("_in_prompt" if args.protocol == "in-prompt" else "")
+            + ("_quick" if args.quick else ""))
     path = model_path(args.model)
 
     t_start = time.time()
@@ -303,28 +333,37 @@ def main() -> int:
         def count(text: str) -> int:
             return len(tok_llm.tokenize(text))
 
-        items: list[Item] = list(build_items(count, lengths, args.quick, depths=depths))
+        kinds = tuple(args.needle_kinds.split(",")) if args.needle_kinds else NEEDLE_KINDS
+        hays = tuple(args.haystacks.split(",")) if args.haystacks else HAYSTACKS
+        items: list[Item] = list(build_items(count, lengths, args.quick, depths=depths, haystacks=hays,
+                                             needle_kinds=kinds))
         if not args.no_chat:
             items += build_chat_items(count, lengths if args.quick or args.lengths else spec["chat"], args.quick)
-        tokens = {it.item_id: (chat_tokens(tok_llm, it) if isinstance(it, ChatItem) else tok_llm.tokenize(it.prompt()))
-                  for it in items}
+        parts = {it.item_id: prompt_parts(tok_llm, it, args.protocol) for it in items}
     # a seeded order that mixes haystacks, needle kinds, depths, lengths and the chat items, so that a method cut
     # short by time still has a balanced subset (run with --resume to complete it)
     random.Random(0).shuffle(items)
     n_chat = sum(isinstance(it, ChatItem) for it in items)
-    print(f"{len(items)} items ({n_chat} chat), {sum(len(t) for t in tokens.values())} prompt tokens; "
+    print(f"{len(items)} items ({n_chat} chat), {sum(len(t) for p in parts.values() for t in p)} prompt tokens; "
           f"methods: {', '.join(m.name for m in methods)}", flush=True)
 
     def n_gen_of(haystack: str) -> int:
         return args.chat_n_gen if haystack == "chat" else args.n_gen
 
+    def protocol_of(item: Item) -> str:
+        return "chat" if isinstance(item, ChatItem) else args.protocol
+
     rows, earlier = load_recorded(args.out / f"{name}.json") if args.resume else ([], [])
-    # a recorded answer counts when it generated as many tokens as this run would (rows before the n_gen field: 10)
-    rows = [r for r in rows if r.get("n_gen", N_GEN) == n_gen_of(r["haystack"])]
+    # a recorded answer counts when it was asked as this run asks it and generated as many tokens (rows from before
+    # these fields: in the prompt, 10 tokens)
+    rows = [r for r in rows if r.get("n_gen", N_GEN) == n_gen_of(r["haystack"])
+            and r.get("protocol", "chat" if r["haystack"] == "chat" else "in-prompt")
+            == ("chat" if r["haystack"] == "chat" else args.protocol)]
     done = {(r["method"], r["item_id"]) for r in rows}
     command = ("python3 bench/retrieval.py" + " ".join([""] + sys.argv[1:]))
     meta = provenance(command, model=spec["label"], package=str(Path(chelsea_gguf.__file__).parent),
-                      threads=args.threads, ratios=list(ratios), n_gen=args.n_gen, chat_n_gen=args.chat_n_gen,
+                      threads=args.threads, ratios=list(ratios), protocol=args.protocol, n_gen=args.n_gen,
+                      chat_n_gen=args.chat_n_gen,
                       lengths=list(lengths), n_items=len(items) - n_chat, n_chat=n_chat,
                       methods=[m.name for m in methods], **({"earlier_runs": earlier} if earlier else {}),
                       **({"note": args.note} if args.note else {}))
@@ -344,8 +383,9 @@ def main() -> int:
                 print(meta["stopped"], flush=True)
                 break
             n_gen = n_gen_of(it.haystack)
-            text, cells, secs = answer(m, it, tokens[it.item_id], path, args.threads, n_gen)
-            rows.append(row_for(m, it, len(tokens[it.item_id]), n_gen, text, cells, secs))
+            text, cells, secs = answer(m, it, parts[it.item_id], path, args.threads, n_gen)
+            rows.append(row_for(m, it, sum(map(len, parts[it.item_id])), n_gen, protocol_of(it), text, cells,
+                                secs))
             print(json.dumps(rows[-1]), flush=True)
             write()
         if rows:
