@@ -37,6 +37,8 @@ SHORT = {"distinct": "distinct_weight", "size": "size_weight"}
 OUT = RESULTS / "scoring_ablation"
 LENGTHS = (1024, 1536, 2048)
 DEPTHS = (0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
+# context and question in one prompt, as a user's completion call feeds them (retrieval.py's in-prompt protocol)
+PROTOCOL = "in-prompt"
 
 
 def parse_config(text: str) -> dict[str, Any]:
@@ -64,8 +66,8 @@ def run(ratio: float, config: str, threads: int, full: bool) -> Path:
     meta = provenance("python3 bench/scoring_ablation.py" + " ".join([""] + sys.argv[1:]), ratio=ratio,
                       config=config, threads=threads, lengths=list(LENGTHS), depths=list(DEPTHS))
     for it in items:
-        text, cells, secs = answer(method, it, tokens[it.item_id], None, threads, 10)
-        rows.append(row_for(method, it, len(tokens[it.item_id]), 10, text, cells, secs))
+        text, cells, secs = answer(method, it, [tokens[it.item_id]], None, threads, 10)
+        rows.append(row_for(method, it, len(tokens[it.item_id]), 10, PROTOCOL, text, cells, secs))
         print(json.dumps(rows[-1]), flush=True)
         meta["wall_s"] = round(time.time() - t0, 1)
         write_json(name, {"meta": meta, "rows": rows}, OUT)
@@ -110,7 +112,8 @@ def report() -> Path:
     for r in rows:
         secs.setdefault(r["method"], []).append(r["seconds"])
     lines = ["Ablation of the merge ranking on varied-text needles (SmolLM2-135M Q4_1, lengths "
-             f"{list(LENGTHS)}, depths {list(DEPTHS)}, 3 haystacks x 3 needle kinds; `bench/scoring_ablation.py`). "
+             f"{list(LENGTHS)}, depths {list(DEPTHS)}, 3 haystacks x 3 needle kinds, context and question in one prompt; "
+             "`bench/scoring_ablation.py`). "
              "Retrieved / total, (x%) = share of what the full cache retrieved in that band on the same items; ± = 95% "
              "interval "
              "(points). Seconds per item ran beside other jobs on 2 shared cores: compare within a row only.", "",
