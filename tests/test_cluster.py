@@ -325,6 +325,27 @@ def test_state_round_trip_keeps_merged_cells_and_their_sizes(model_path: Path) -
             assert plain_ctx(PROMPT, max_tokens=4, temperature=0.0)["choices"][0]["text"]
 
 
+def test_state_round_trip_restores_the_attention_bias(model_path: Path) -> None:
+    """The next token's logits after a load equal the live cache's with no compression in between: the log sizes
+    that bias attention come back with the sizes (a compression would rewrite them and hide a stale bias)."""
+    with Llama(str(model_path), n_ctx=2048, verbose=False, kv_cluster=True, kv_cluster_ratio=0.25) as llm:
+        llm("Notes. " + FILLER * 40, max_tokens=2, temperature=0.0)
+        merged = llm.save_state()
+        passes = llm.kv_cluster_stats()["passes"]
+        assert passes > 0
+        token = llm.tokenize(" The", add_bos=False)
+
+        def next_logits() -> np.ndarray:
+            llm.eval(token)
+            assert llm.kv_cluster_stats()["passes"] == passes
+            return np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(llm.ctx, -1), 4 * llm.n_vocab()),
+                                 dtype=np.float32).copy()
+
+        live = next_logits()
+        llm.load_state(merged)
+        assert np.array_equal(next_logits(), live)
+
+
 def test_sequence_state_round_trip_with_merged_cells(model_path: Path) -> None:
     with Llama(str(model_path), n_ctx=2048, verbose=False, kv_cluster=True, kv_cluster_ratio=0.25) as llm:
         llm("Notes. " + FILLER * 40, max_tokens=2, temperature=0.0)

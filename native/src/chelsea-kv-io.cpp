@@ -8,6 +8,7 @@
 #include "llama-io.h"
 #include "llama-kv-cache.h"
 
+#include <cmath>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -96,7 +97,9 @@ bool llama_kv_cache::chelsea_state_read(llama_io_read_i & io, uint32_t strm, uin
         }
     }
 
-    for (ggml_tensor * s : st.sizes) {
+    std::vector<float> sizes;
+    for (size_t il = 0; il < st.sizes.size(); ++il) {
+        ggml_tensor * s = st.sizes[il];
         uint32_t n_head;
         io.read(&n_head, sizeof(n_head));
         if (n_head != s->ne[1]) {
@@ -105,12 +108,18 @@ bool llama_kv_cache::chelsea_state_read(llama_io_read_i & io, uint32_t strm, uin
         }
         for (uint32_t h = 0; h < n_head; ++h) {
             for (const auto & [first, count] : runs) {
-                io.read_tensor(s, strm*s->nb[2] + h*s->nb[1] + first*sizeof(float), count*sizeof(float));
+                // read now, not with read_tensor: the buffer reader defers those copies to its destruction, and the
+                // log sizes (the attention bias) are taken from these values
+                sizes.resize(count);
+                io.read(sizes.data(), count*sizeof(float));
+                const size_t offs = strm*s->nb[2] + h*s->nb[1] + first*sizeof(float);
+                ggml_backend_tensor_set(s, sizes.data(), offs, count*sizeof(float));
+                for (float & x : sizes) {
+                    x = std::log(x);
+                }
+                ggml_backend_tensor_set(st.log_sizes[il], sizes.data(), offs, count*sizeof(float));
             }
         }
-    }
-    for (const auto & [first, count] : runs) {
-        st.sync_log_sizes(strm, first, count);
     }
 
     uint32_t n_seq;

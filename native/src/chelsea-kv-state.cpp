@@ -30,21 +30,6 @@ void chelsea_kv_state::reset_all_sizes() const {
     }
 }
 
-void chelsea_kv_state::sync_log_sizes(uint32_t strm, uint32_t first, uint32_t count) const {
-    std::vector<float> buf(count);
-    for (size_t il = 0; il < sizes.size(); ++il) {
-        ggml_tensor * s = sizes[il];
-        for (int64_t h = 0; h < s->ne[1]; ++h) {
-            const size_t offs = strm*s->nb[2] + h*s->nb[1] + first*sizeof(float);
-            ggml_backend_tensor_get(s, buf.data(), offs, count*sizeof(float));
-            for (float & x : buf) {
-                x = std::log(x);
-            }
-            ggml_backend_tensor_set(log_sizes[il], buf.data(), offs, count*sizeof(float));
-        }
-    }
-}
-
 void chelsea_kv_state::reset_cell_sizes(uint32_t strm, const std::vector<uint32_t> & idxs) const {
     for (size_t i0 = 0; i0 < idxs.size(); ) {
         size_t i1 = i0 + 1;

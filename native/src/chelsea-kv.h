@@ -70,8 +70,6 @@ struct chelsea_kv_state {
     void reset_all_sizes() const;
     // cells idxs (increasing) of stream strm back to standing for one token
     void reset_cell_sizes(uint32_t strm, const std::vector<uint32_t> & idxs) const;
-    // log_sizes of cells [first, first + count) of stream strm, from their sizes
-    void sync_log_sizes(uint32_t strm, uint32_t first, uint32_t count) const;
     // any_merged from the sequences' bookkeeping
     void update_any_merged();
 };
