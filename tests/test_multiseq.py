@@ -144,10 +144,10 @@ def test_interleaved_sequences_in_one_unified_stream_cluster_as_if_alone(model, 
                 for head in cluster_sizes(c.ctx, layer, 2 * 2048, seq_id=seq):
                     assert sum(head[i] for i in cells[seq]) == got["tokens"]
         # llama.cpp's own attention kernels round differently when a sequence's cells lie elsewhere in the
-        # stream (without clustering too): with transposed V the continuations may part after a few tokens
+        # stream (without clustering too: the second sequence's keys of layers 1.. differ by up to ~1 before any
+        # merge), so merges of near-equal scores may differ and the continuations part after a few tokens
         for seq, (_, continuation, _) in enumerate(single_runs):
-            if flash_attn:
-                assert c.greedy(seq, 8) == continuation
+            assert c.greedy(seq, 8)[:4] == continuation[:4]
     finally:
         c.close()
 

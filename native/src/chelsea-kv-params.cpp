@@ -75,7 +75,7 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.match_values = true;
     p.random_pairs = false;
     p.seed       = 0;
-    p.distinct_weight = 0.0f;
+    p.distinct_weight = 1.0f;
     p.size_weight     = 0.0f;
     return p;
 }
