@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 from chelsea_gguf.cluster import OPTIONS, OptionSpec, options_from_keywords
 from chelsea_gguf.kv import MIB
+from chelsea_gguf.kv_memory import parse_memory_size
 from chelsea_gguf.llama import Llama, Timings
 from chelsea_gguf.models import ModelFetchError
 from chelsea_gguf.options import FLASH_ATTN_MODES, KV_CACHE_TYPES, parse_context_size
@@ -37,13 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("-f", "--file", metavar="FILE", help="read the prompt from a file")
     p.add_argument("--chat", action="store_true", help="interactive chat on stdin using the model's chat template")
     p.add_argument("-sys", "--system", metavar="TEXT", help="system message for --chat")
-    p.add_argument("-n", "--n-predict", dest="n_predict", type=int, default=128, metavar="N",
+    p.add_argument("-n", "--n-predict", dest="n_predict", type=_n_predict, default=128, metavar="N",
                    help="tokens to generate; -1 = until end of text or a full context (default 128)")
     p.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=512, metavar="N")
     p.add_argument("-ub", "--ubatch-size", dest="ubatch_size", type=int, default=512, metavar="N")
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, default=0, metavar="N")
-    p.add_argument("-fa", "--flash-attn", dest="flash_attn", default="off", choices=sorted(FLASH_ATTN_MODES),
-                   help="flash attention (default off)")
+    p.add_argument("-fa", "--flash-attn", dest="flash_attn", default="auto", choices=sorted(FLASH_ATTN_MODES),
+                   help="flash attention: on, off or auto, on where the backend supports it (default auto)")
     p.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", default="f16", choices=list(KV_CACHE_TYPES),
                    metavar="TYPE", help=f"K cache type: {', '.join(KV_CACHE_TYPES)} (default f16)")
     p.add_argument("-ctv", "--cache-type-v", dest="cache_type_v", default="f16", choices=list(KV_CACHE_TYPES),
@@ -58,8 +60,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-display-prompt", dest="display_prompt", action="store_false",
                    help="do not echo the prompt before the generated text")
     add_cluster_arguments(p)
+    p.add_argument("--kv-mem", dest="kv_mem", metavar="SIZE", type=_memory_size,
+                   help="KV memory budget (512M, 2G, 2GiB): clustering with the largest ratio whose K, V and cluster "
+                        "sizes fit it for the --ctx context (-c 0: the model's training context)")
     p.add_argument("-v", "--verbose", action="store_true", help="show llama.cpp's log")
     return p
+
+
+def _n_predict(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a token count, got {text!r}") from None
+    if n < -1:
+        raise argparse.ArgumentTypeError(f"{n} is out of range (-1 = until the end, or 0 and more)")
+    return n
+
+
+def _memory_size(text: str) -> int:
+    try:
+        return parse_memory_size(text, "--kv-mem")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--kv-mem: ")) from None
+
+
+def format_plan(llm: Llama) -> str:
+    """The first line: what the run will hold, and the KV memory against the full cache's."""
+    kv = llm.kv_stats()
+    full = llm.kv_memory_plan.full_bytes if llm.kv_memory_plan else llm.kv_layout().bytes(llm.n_ctx(), False)
+    head = f"chelsea-run: model {Path(llm.model_path).name} ({llm.model_description()}), context {llm.n_ctx()} tokens"
+    if llm.kv_cluster_options is None:
+        return f"{head}, full KV cache: {kv.n_cells} cells, KV {kv.kv_mib:.1f} MiB"
+    budget = f" (--kv-mem {llm.kv_memory_plan.budget_bytes / MIB:.0f} MiB)" if llm.kv_memory_plan else ""
+    return (f"{head}, KV clustering at ratio {llm.kv_cluster_options.ratio:g}{budget}: {kv.n_cells} cells, "
+            f"KV {kv.kv_mib:.1f} MiB against {full / MIB:.1f} MiB for the full cache ({kv.buffer_bytes / full:.0%})")
+
+
+class PromptProgress:
+    """Prompt progress on a terminal, one line rewritten per batch: tokens done / total, tokens per second, cells
+    held, time left. Prompts of one batch print nothing."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.llm: Llama | None = None
+        self.t_start = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if done == 0:
+            self.t_start = time.perf_counter()
+            return
+        if self.llm is None or total <= self.llm.n_batch:
+            return
+        rate = done / max(time.perf_counter() - self.t_start, 1e-9)
+        self.out.write(f"\rprompt: {done}/{total} tokens, {rate:.1f} tokens per second, "
+                       f"{self.llm.kv_stats().n_cells_used} cells, ETA {(total - done) / rate:.0f} s  ")
+        self.out.write("\n" if done >= total else "")
+        self.out.flush()
 
 
 def format_summary(llm: Llama, timings: Timings) -> str:
@@ -93,6 +149,10 @@ def _sampling_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_completion(llm: Llama, prompt: str, args: argparse.Namespace, out: TextIO) -> None:
+    n_prompt = len(llm.tokenize(prompt))
+    if n_prompt > llm.n_ctx():
+        raise ValueError(f"prompt is {n_prompt} tokens, longer than the context (n_ctx={llm.n_ctx()}): "
+                         f"give a larger -c")
     if args.display_prompt:
         out.write(prompt)
         out.flush()
@@ -133,16 +193,13 @@ def run_chat(llm: Llama, args: argparse.Namespace, inp: TextIO, out: TextIO) -> 
         print(format_summary(llm, llm.last_timings), file=sys.stderr)
 
 
-def add_cluster_arguments(p: argparse.ArgumentParser, *, on_by_default: bool = False) -> None:
-    """The KV-clustering flags of chelsea-run (opt in with --kv-cluster) and chelsea-server (on unless
-    --no-kv-cluster)."""
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """The KV-clustering flags of chelsea-run and chelsea-server: clustering is on unless --no-kv-cluster."""
     g = p.add_argument_group("KV-cache clustering (Chelsea)")
-    if on_by_default:
-        g.add_argument("--no-kv-cluster", dest="kv_cluster", action="store_false",
-                       help="keep the full KV cache (clustering is on by default)")
-    else:
-        g.add_argument("--kv-cluster", action="store_true",
-                       help="cluster the KV cache online: ~ratio x the KV memory, faster decoding at long depth")
+    g.add_argument("--no-kv-cluster", dest="kv_cluster", action="store_false", default=True,
+                   help="keep the full KV cache (clustering is on by default)")
+    g.add_argument("--kv-cluster", dest="kv_cluster", action="store_true",
+                   help="cluster the KV cache online, ~ratio x the KV memory (the default; kept for scripts)")
     for o in OPTIONS:
         if o.flag is not None:
             _add_cluster_flag(g, o)
@@ -196,17 +253,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster_kwargs = cluster_kwargs_of(args)
     except ValueError as e:
         parser.error(str(e))
+    if args.kv_mem is not None:
+        if not args.kv_cluster:
+            parser.error("--kv-mem: a KV memory budget needs clustering, but --no-kv-cluster is given")
+        if args.kv_cluster_ratio is not None:
+            parser.error("--kv-mem and --kv-ratio both set the ratio: give one of them")
+        cluster_kwargs["kv_cluster_memory"] = args.kv_mem
+    progress = PromptProgress(sys.stderr) if sys.stderr.isatty() else None
     try:
         llm = Llama(model, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
                     n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
                     type_k=args.cache_type_k, type_v=args.cache_type_v, seed=args.seed, verbose=args.verbose,
-                    **cluster_kwargs)
+                    progress=progress, **cluster_kwargs)
     except (FileNotFoundError, ValueError, ModelFetchError) as e:
-        print(f"chelsea-run: error: {e}", file=sys.stderr)
+        message = str(e)
+        if message.startswith("kv_cluster_memory:"):
+            message = "--kv-mem:" + message.removeprefix("kv_cluster_memory:")
+        print(f"chelsea-run: error: {message}", file=sys.stderr)
         return 1
+    if progress is not None:
+        progress.llm = llm
     with llm:
-        print(f"chelsea-run: model {Path(llm.model_path).name} ({llm.model_description()}), "
-              f"n_ctx {llm.n_ctx()}", file=sys.stderr)
+        print(format_plan(llm), file=sys.stderr)
         try:
             if args.chat:
                 run_chat(llm, args, sys.stdin, sys.stdout)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -15,6 +16,7 @@ from chelsea_gguf._lib import ffi, lib
 from chelsea_gguf import cluster
 from chelsea_gguf.chat import format_chat_prompt
 from chelsea_gguf.kv import KVStats, read_kv_stats
+from chelsea_gguf.kv_memory import KVLayout, KVMemoryPlan, measure_kv_layout, parse_memory_size, plan_for_budget
 from chelsea_gguf.models import resolve_model
 from chelsea_gguf.options import parse_context_size, parse_flash_attn, parse_kv_type, require_float, require_int
 from chelsea_gguf.sampling import DEFAULT_SEED, Sampler, SamplingParams
@@ -78,7 +80,10 @@ class Llama:
     (SmolLM2-135M-Instruct Q4_1); a known model name such as ``"gemma3-270m"`` fetches that model.
 
     ``kv_cluster=True`` clusters the KV cache online; the ``kv_cluster_<field>`` keywords set the fields of
-    :class:`chelsea_gguf.cluster.ClusterOptions` (None or absent: the C library's default):
+    :class:`chelsea_gguf.cluster.ClusterOptions` (None or absent: the C library's default).
+    ``kv_cluster_memory="2G"`` (bytes, or a size such as ``512M``) turns clustering on with the largest ratio whose
+    KV allocation (K, V and cluster sizes, at the given K/V types, measured) fits the budget for ``n_ctx`` tokens.
+    ``progress(done, total)`` is called before (done 0) and after each batch of a prompt.
     """
 
     def __init__(
@@ -100,7 +105,9 @@ class Llama:
         type_v: int | str | None = None,
         chat_format: str | None = None,
         verbose: bool = True,
-        kv_cluster: bool = False,
+        kv_cluster: bool | None = None,
+        kv_cluster_memory: int | str | None = None,
+        progress: Callable[[int, int], None] | None = None,
         **kv_cluster_options: Any,
     ) -> None:
         self._model = ffi.NULL
@@ -122,7 +129,17 @@ class Llama:
         if swa_full is not None and not isinstance(swa_full, bool):
             raise ValueError(f"swa_full: expected a bool, got {swa_full!r}")
         kv_type_v = parse_kv_type(type_v, "type_v")
-        cluster_options = cluster.options_for(kv_cluster, kv_cluster_options)
+        if kv_cluster is not None and not isinstance(kv_cluster, bool):
+            raise ValueError(f"kv_cluster: expected a bool, got {kv_cluster!r}")
+        budget = None if kv_cluster_memory is None else parse_memory_size(kv_cluster_memory, "kv_cluster_memory")
+        if budget is not None and kv_cluster is False:
+            raise ValueError("kv_cluster_memory: a KV memory budget needs clustering, but kv_cluster=False")
+        if budget is not None and kv_cluster_options.get("kv_cluster_ratio") is not None:
+            raise ValueError("kv_cluster_memory and kv_cluster_ratio both set the ratio: give one of them")
+        cluster_options = cluster.options_for(bool(kv_cluster) or budget is not None, kv_cluster_options)
+        if progress is not None and not callable(progress):
+            raise ValueError(f"progress: expected a callable(done, total), got {progress!r}")
+        self._progress = progress
         if chat_format is not None and not isinstance(chat_format, str):
             raise ValueError(f"chat_format: expected a template name such as 'chatml', got {chat_format!r}")
 
@@ -146,19 +163,12 @@ class Llama:
         self._vocab = lib.llama_model_get_vocab(self._model)
         self._n_vocab = lib.llama_vocab_n_tokens(self._vocab)
 
-        cparams = lib.llama_context_default_params()
+        self._cparams = ffi.new("struct llama_context_params *", lib.llama_context_default_params())
+        cparams = self._cparams[0]
         if n_ctx_value == 0:
             n_ctx_value = lib.llama_model_n_ctx_train(self._model)
-        # with clustering, the logical context (positions) outgrows the physical cells: the cache is
-        # compressed between decodes, so it is allocated for about ratio * n_ctx cells
-        self._n_ctx_logical = n_ctx_value
-        self.kv_cluster_options = cluster_options
-        n_cells = n_ctx_value
-        if self.kv_cluster_options is not None:
-            n_cells = self.kv_cluster_options.physical_cells(n_ctx_value, min(n_batch, n_ctx_value))
-        cparams.n_ctx = n_cells
-        cparams.n_batch = min(n_batch, n_cells)
-        cparams.n_ubatch = min(n_ubatch, cparams.n_batch)
+        cparams.n_batch = n_batch
+        cparams.n_ubatch = min(n_ubatch, n_batch)
         cparams.n_threads = threads
         cparams.n_threads_batch = threads_batch
         cparams.rope_freq_base = rope_freq_base
@@ -170,6 +180,25 @@ class Llama:
             cparams.type_k = kv_type_k
         if kv_type_v is not None:
             cparams.type_v = kv_type_v
+        # with clustering, the logical context (positions) outgrows the physical cells: the cache is
+        # compressed between decodes, so it is allocated for about ratio * n_ctx cells
+        self._n_ctx_logical = n_ctx_value
+        self._kv_layout: KVLayout | None = None
+        self.kv_memory_plan: KVMemoryPlan | None = None
+        if budget is not None and cluster_options is not None:
+            try:
+                self.kv_memory_plan = plan_for_budget(self.kv_layout(), budget, n_ctx_value, n_batch, cluster_options)
+            except ValueError:
+                self.close()
+                raise
+            cluster_options = dataclasses.replace(cluster_options, ratio=self.kv_memory_plan.ratio)
+        self.kv_cluster_options = cluster_options
+        n_cells = n_ctx_value
+        if self.kv_cluster_options is not None:
+            n_cells = self.kv_cluster_options.physical_cells(n_ctx_value, min(n_batch, n_ctx_value))
+        cparams.n_ctx = n_cells
+        cparams.n_batch = min(n_batch, n_cells)
+        cparams.n_ubatch = min(n_ubatch, cparams.n_batch)
         _lib.clear_recent_errors()
         self._ctx = lib.llama_init_from_model(self._model, cparams)
         if self._ctx == ffi.NULL:
@@ -185,6 +214,11 @@ class Llama:
                 raise
         else:
             self._n_ctx_logical = int(lib.llama_n_ctx(self._ctx))
+        if self.kv_memory_plan is not None and self.kv_stats().buffer_bytes > budget:
+            allocated = self.kv_stats().buffer_bytes
+            self.close()
+            raise ValueError(f"kv_cluster_memory: llama.cpp allocated {allocated} bytes of KV cache, over the "
+                             f"budget of {budget} (planned {self.kv_memory_plan.kv_bytes}): please report this")
         self.n_batch = int(lib.llama_n_batch(self._ctx))
         self._batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self._tokens: list[int] = []
@@ -233,6 +267,13 @@ class Llama:
         """Physical KV cells allocated per sequence stream."""
         self._require_open()
         return int(lib.llama_n_ctx(self._ctx))
+
+    def kv_layout(self) -> KVLayout:
+        """The KV allocation of this model and these settings as a function of the cells (measured once with two
+        probe contexts): what a full cache of any length would take."""
+        if self._kv_layout is None:
+            self._kv_layout = measure_kv_layout(self._model, self._cparams[0])
+        return self._kv_layout
 
     def n_vocab(self) -> int:
         return int(self._n_vocab)
@@ -351,6 +392,8 @@ class Llama:
             raise ValueError(f"{len(self._tokens) + len(tokens)} tokens do not fit in the context "
                              f"(n_ctx={n_ctx})")
         batch = self._batch
+        if self._progress is not None and len(tokens) > 1:
+            self._progress(0, len(tokens))
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start:start + self.n_batch]
             last_chunk = start + self.n_batch >= len(tokens)
@@ -370,6 +413,8 @@ class Llama:
                 raise RuntimeError(f"llama_decode failed with code {rc} at position {base} "
                                    f"(n_ctx={n_ctx}): " + "; ".join(_lib.recent_errors()[-2:]))
             self._tokens.extend(chunk)
+            if self._progress is not None and len(tokens) > 1:
+                self._progress(min(start + self.n_batch, len(tokens)), len(tokens))
 
     # ------------------------------------------------------------------ completion
 

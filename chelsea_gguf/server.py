@@ -20,7 +20,7 @@ def _cluster_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="chelsea-server", add_help=False,
                                 description="llama-cpp-python's OpenAI-compatible server with KV-cache clustering. "
                                             "Other arguments are those of python -m llama_cpp.server (below).")
-    add_cluster_arguments(p, on_by_default=True)
+    add_cluster_arguments(p)
     return p
 
 
