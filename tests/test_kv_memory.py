@@ -10,7 +10,8 @@ import pytest
 
 from chelsea_gguf import Llama
 from chelsea_gguf.kv import MIB
-from chelsea_gguf.kv_memory import parse_memory_size
+from chelsea_gguf.cluster import ClusterOptions
+from chelsea_gguf.kv_memory import KVLayout, padded_cells, parse_memory_size, plan_for_budget
 from chelsea_gguf.models import gemma3_270m_path
 
 
@@ -66,3 +67,15 @@ def test_budget_and_ratio_together_are_refused(model_path: Path) -> None:
 def test_budget_with_clustering_off_is_refused(model_path: Path) -> None:
     with pytest.raises(ValueError, match="kv_cluster_memory.*kv_cluster=False"):
         Llama(str(model_path), n_ctx="8k", verbose=False, kv_cluster=False, kv_cluster_memory="16M")
+
+
+def test_the_readme_example_llama_3_1_8b_shapes() -> None:
+    """README's worked example: 32 layers x 8 KV heads x 128 (f16 K and V: 128 KiB a cell, cluster sizes and their
+    logs 2 KiB), a 64k context in 2 GiB; and with q8_0 K and V (68 KiB a cell)."""
+    options = ClusterOptions()
+    f16 = KVLayout(fixed_bytes=0, per_cell_bytes=32 * 2 * 1024 * 2, cluster_per_cell_bytes=32 * 8 * 4 * 2, swa_cells=0)
+    plan = plan_for_budget(f16, 2 << 30, 65536, 512, options)
+    assert plan.full_bytes == 8 << 30
+    assert (plan.ratio, padded_cells(plan.n_cells)) == (0.2382, 16128) and plan.kv_bytes <= 2 << 30
+    q8 = KVLayout(fixed_bytes=0, per_cell_bytes=32 * 2 * 1024 * 34 / 32, cluster_per_cell_bytes=2048, swa_cells=0)
+    assert plan_for_budget(q8, 2 << 30, 65536, 512, options).ratio == 0.4492

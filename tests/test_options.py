@@ -53,14 +53,15 @@ def parse(*argv: str) -> argparse.Namespace:
 
 
 def test_flags_become_keywords() -> None:
-    assert cluster_kwargs_of(parse()) == {}
+    assert cluster_kwargs_of(parse()) == {"kv_cluster": True}  # on by default, as chelsea-server
     assert cluster_kwargs_of(parse("--kv-cluster")) == {"kv_cluster": True}
-    assert cluster_kwargs_of(parse("--kv-cluster", "--kv-ratio", "0.2", "--kv-no-bias", "--kv-match-keys",
+    assert cluster_kwargs_of(parse("--no-kv-cluster")) == {}
+    assert cluster_kwargs_of(parse("--kv-ratio", "0.2", "--kv-no-bias", "--kv-match-keys",
                                    "--kv-interval", "8")) == \
         {"kv_cluster": True, "kv_cluster_ratio": 0.2, "kv_cluster_interval": 8, "kv_cluster_bias": False,
          "kv_cluster_match_values": False}
     with pytest.raises(ValueError, match=r"^--kv-ratio, --kv-no-bias: clustering is off"):
-        cluster_kwargs_of(parse("--kv-ratio", "0.2", "--kv-no-bias"))
+        cluster_kwargs_of(parse("--no-kv-cluster", "--kv-ratio", "0.2", "--kv-no-bias"))
 
 
 @pytest.mark.parametrize(("argv", "message"), [
