@@ -84,10 +84,14 @@ def _memory_size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--kv-mem: ")) from None
 
 
+def _full_cache_bytes(llm: Llama) -> int:
+    return llm.kv_memory_plan.full_bytes if llm.kv_memory_plan else llm.kv_layout().bytes(llm.n_ctx(), False)
+
+
 def format_plan(llm: Llama) -> str:
     """The first line: what the run will hold, and the KV memory against the full cache's."""
     kv = llm.kv_stats()
-    full = llm.kv_memory_plan.full_bytes if llm.kv_memory_plan else llm.kv_layout().bytes(llm.n_ctx(), False)
+    full = _full_cache_bytes(llm)
     head = f"chelsea-run: model {Path(llm.model_path).name} ({llm.model_description()}), context {llm.n_ctx()} tokens"
     if llm.kv_cluster_options is None:
         return f"{head}, full KV cache: {kv.n_cells} cells, KV {kv.kv_mib:.1f} MiB"
@@ -126,6 +130,9 @@ def format_summary(llm: Llama, timings: Timings) -> str:
         lines.append(f"kv cluster : {cs['tokens']} tokens in {cs['cells']} cells ({cs['compression']:.2f}x, "
                      f"ratio {llm.kv_cluster_options.ratio:g}), {cs['passes']} passes in {cs['compressions']} "
                      f"compressions, {cs['time_ms']:.2f} ms clustering")
+        full = _full_cache_bytes(llm)
+        lines.append(f"kv memory  : {kv.kv_mib:8.2f} MiB for a {llm.n_ctx()}-token context, "
+                     f"{(full - kv.buffer_bytes) / MIB:.2f} MiB less than the full cache's {full / MIB:.2f} MiB")
         if cs["nonfinite"]:
             lines.append(f"warning    : the KV cache holds NaN/Inf ({cs['nonfinite']} cell-head-layer slices found by "
                          f"clustering): the model's output is not to be trusted")

@@ -93,6 +93,8 @@ def test_clusters_by_default_and_says_what_it_holds(model_path: Path) -> None:
     assert re.search(r"context 32768 tokens, KV clustering at ratio 0\.25: 8704 cells, KV [\d.]+ MiB against "
                      r"720\.0 MiB for the full cache \(2\d%\)", first), first
     assert "kv cluster :" in proc.stderr
+    assert re.search(r"kv memory\s*:\s*[\d.]+ MiB for a 32768-token context, [\d.]+ MiB less than the full "
+                     r"cache's 720\.00 MiB", proc.stderr)
     full = run_cli(str(model_path), "-c", "32k", "-p", PROMPT, "-n", "4", "--temp", "0", "--no-kv-cluster")
     assert full.returncode == 0, full.stderr
     assert "full KV cache: 32768 cells, KV 720.0 MiB" in full.stderr.splitlines()[0]
