@@ -93,9 +93,10 @@ def format_plan(llm: Llama) -> str:
     kv = llm.kv_stats()
     full = _full_cache_bytes(llm)
     head = f"chelsea-run: model {Path(llm.model_path).name} ({llm.model_description()}), context {llm.n_ctx()} tokens"
-    if llm.kv_cluster_options is None:
-        return f"{head}, full KV cache: {kv.n_cells} cells, KV {kv.kv_mib:.1f} MiB"
     budget = f" (--kv-mem {llm.kv_memory_plan.budget_bytes / MIB:.0f} MiB)" if llm.kv_memory_plan else ""
+    if llm.kv_cluster_options is None:
+        fits = f", which fits{budget}" if budget else ""
+        return f"{head}, full KV cache: {kv.n_cells} cells, KV {kv.kv_mib:.1f} MiB{fits}"
     return (f"{head}, KV clustering at ratio {llm.kv_cluster_options.ratio:g}{budget}: {kv.n_cells} cells, "
             f"KV {kv.kv_mib:.1f} MiB against {full / MIB:.1f} MiB for the full cache ({kv.buffer_bytes / full:.0%})")
 

@@ -103,7 +103,8 @@ def measure_kv_layout(model: Any, cparams: Any) -> KVLayout:
 
 @dataclass(frozen=True)
 class KVMemoryPlan:
-    """The ratio a KV memory budget allows for a logical context, and what it allocates."""
+    """The ratio a KV memory budget allows for a logical context, and what it allocates; ratio 1: the full cache
+    fits, and is used (no clustering)."""
 
     budget_bytes: int
     ratio: float
@@ -114,12 +115,12 @@ class KVMemoryPlan:
 
 def plan_for_budget(layout: KVLayout, budget: int, n_ctx: int, n_batch: int, options: ClusterOptions,
                     option: str = "kv_cluster_memory") -> KVMemoryPlan:
-    """The largest ratio (4 decimals) whose allocation fits `budget` bytes for a logical context of n_ctx tokens;
-    ValueError with the numbers if even the cells clustering always keeps do not fit."""
+    """The largest ratio (4 decimals) whose allocation fits `budget` bytes for a logical context of n_ctx tokens, 1
+    if the full cache fits; ValueError with the numbers if even the cells clustering always keeps do not fit."""
     full = layout.bytes(n_ctx, clustered=False)
     batch = min(n_batch, n_ctx)
-    if layout.bytes(n_ctx, clustered=True) <= budget:
-        ratio = 1.0
+    if full <= budget:  # exact, and smaller than clustering at ratio 1 (no cluster sizes)
+        return KVMemoryPlan(budget_bytes=budget, ratio=1.0, n_cells=n_ctx, kv_bytes=full, full_bytes=full)
     else:
         slack = max(options.interval, batch)
         floor = options.sinks + options.recent + 2

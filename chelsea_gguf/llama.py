@@ -82,7 +82,8 @@ class Llama:
     ``kv_cluster=True`` clusters the KV cache online; the ``kv_cluster_<field>`` keywords set the fields of
     :class:`chelsea_gguf.cluster.ClusterOptions` (None or absent: the C library's default).
     ``kv_cluster_memory="2G"`` (bytes, or a size such as ``512M``) turns clustering on with the largest ratio whose
-    KV allocation (K, V and cluster sizes, at the given K/V types, measured) fits the budget for ``n_ctx`` tokens.
+    KV allocation (K, V and cluster sizes, at the given K/V types, measured) fits the budget for ``n_ctx`` tokens;
+    if the full cache fits, it is used unclustered.
     ``progress(done, total)`` is called before (done 0) and after each batch of a prompt.
     """
 
@@ -191,7 +192,9 @@ class Llama:
             except ValueError:
                 self.close()
                 raise
-            cluster_options = dataclasses.replace(cluster_options, ratio=self.kv_memory_plan.ratio)
+            # a budget the full cache fits gets the full cache: exact, and without the cluster sizes
+            cluster_options = None if self.kv_memory_plan.ratio == 1.0 else \
+                dataclasses.replace(cluster_options, ratio=self.kv_memory_plan.ratio)
         self.kv_cluster_options = cluster_options
         n_cells = n_ctx_value
         if self.kv_cluster_options is not None:

@@ -41,9 +41,11 @@ def test_budget_sets_the_ratio_and_the_allocation_keeps_it(model_path: Path, bud
         assert plan.full_bytes == pytest.approx(llm.kv_stats().k_bytes / llm.n_cells() * 32768 * 2, rel=0.01)
 
 
-def test_full_cache_that_fits_is_ratio_one(model_path: Path) -> None:
+def test_a_budget_the_full_cache_fits_gets_the_full_cache(model_path: Path) -> None:
     with Llama(str(model_path), n_ctx=2048, verbose=False, kv_cluster_memory="1G") as llm:
         assert llm.kv_memory_plan.ratio == 1.0 and llm.n_cells() == 2048
+        assert llm.kv_cluster_options is None  # exact, and smaller than clustering at ratio 1
+        assert llm.kv_stats().buffer_bytes == llm.kv_memory_plan.kv_bytes == llm.kv_memory_plan.full_bytes
 
 
 def test_sliding_window_model_fits_its_budget() -> None:
