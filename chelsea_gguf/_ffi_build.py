@@ -31,11 +31,22 @@ enum llama_flash_attn_type { LLAMA_FLASH_ATTN_TYPE_AUTO, LLAMA_FLASH_ATTN_TYPE_D
 typedef void (*ggml_log_callback)(enum ggml_log_level level, const char * text, void * user_data);
 typedef bool (*ggml_abort_callback)(void * data);
 
+enum llama_load_mode {
+    LLAMA_LOAD_MODE_AUTO = -1,
+    LLAMA_LOAD_MODE_NONE = 0,
+    LLAMA_LOAD_MODE_MMAP = 1,
+    ...
+};
+
 struct llama_model_params {
     int32_t n_gpu_layers;
+    enum llama_load_mode load_mode;
     int32_t main_gpu;
     bool vocab_only;
     bool check_tensors;
+    bool use_extra_bufts;
+    bool no_host;
+    bool no_alloc;
     ...;
 };
 

@@ -114,9 +114,10 @@ class KVMemoryPlan:
 
 
 def plan_for_budget(layout: KVLayout, budget: int, n_ctx: int, n_batch: int, options: ClusterOptions,
-                    option: str = "kv_cluster_memory") -> KVMemoryPlan:
+                    option: str = "kv_cluster_memory", min_cells: int = 0) -> KVMemoryPlan:
     """The largest ratio (4 decimals) whose allocation fits `budget` bytes for a logical context of n_ctx tokens, 1
-    if the full cache fits; ValueError with the numbers if even the cells clustering always keeps do not fit."""
+    if the full cache fits; ValueError with the numbers if even the cells clustering always keeps (and
+    `min_cells`, a sliding-window model's floor) do not fit."""
     full = layout.bytes(n_ctx, clustered=False)
     batch = min(n_batch, n_ctx)
     if full <= budget:  # exact, and smaller than clustering at ratio 1 (no cluster sizes)
@@ -125,22 +126,23 @@ def plan_for_budget(layout: KVLayout, budget: int, n_ctx: int, n_batch: int, opt
         slack = max(options.interval, batch)
         floor = options.sinks + options.recent + 2
         room = layout.max_cells(budget, clustered=True) - slack
-        if room < floor:
-            least = layout.bytes(floor + slack, clustered=True)
+        if room < floor or layout.max_cells(budget, clustered=True) < min_cells:
+            least = layout.bytes(max(floor + slack, min_cells), clustered=True)
+            window = f"; at least {min_cells} cells beside the sliding window" if min_cells > floor + slack else ""
             raise ValueError(
                 f"{option}: {budget / MIB:.1f} MiB cannot hold a clustered KV cache for {n_ctx} tokens: the cells "
                 f"it always keeps ({options.sinks} sinks + {options.recent} recent + 2, and {slack} for a batch "
-                f"of the prompt) take {least / MIB:.1f} MiB (the full cache: {full / MIB:.1f} MiB)")
+                f"of the prompt{window}) take {least / MIB:.1f} MiB (the full cache: {full / MIB:.1f} MiB)")
         ratio = math.floor(room / n_ctx * 1e4) / 1e4
-        while ratio > 0 and layout.bytes(_cells(options, ratio, n_ctx, batch), clustered=True) > budget:
+        while ratio > 0 and layout.bytes(_cells(options, ratio, n_ctx, batch, min_cells), clustered=True) > budget:
             ratio = round(ratio - 1e-4, 4)
         if ratio <= 0:
             raise ValueError(f"{option}: {budget / MIB:.1f} MiB leaves a ratio below 0.0001 for {n_ctx} tokens; "
                              f"give a larger budget or a shorter context")
-    n_cells = _cells(options, ratio, n_ctx, batch)
+    n_cells = _cells(options, ratio, n_ctx, batch, min_cells)
     return KVMemoryPlan(budget_bytes=budget, ratio=ratio, n_cells=n_cells,
                         kv_bytes=layout.bytes(n_cells, clustered=True), full_bytes=full)
 
 
-def _cells(options: ClusterOptions, ratio: float, n_ctx: int, n_batch: int) -> int:
-    return replace(options, ratio=ratio).physical_cells(n_ctx, n_batch)
+def _cells(options: ClusterOptions, ratio: float, n_ctx: int, n_batch: int, min_cells: int) -> int:
+    return max(replace(options, ratio=ratio).physical_cells(n_ctx, n_batch), min_cells)

@@ -6,7 +6,7 @@ import dataclasses
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
@@ -23,6 +23,8 @@ from chelsea_gguf.sampling import DEFAULT_SEED, Sampler, SamplingParams
 from chelsea_gguf.text import StopScanner
 
 GGUF_MAGIC = b"GGUF"
+# the llama_model_params fields the bindings declare (_ffi_build.py), which model_params may set
+_MODEL_PARAM_FIELDS = frozenset(name for name, _ in ffi.typeof("struct llama_model_params").fields)
 
 PromptType = Union[str, bytes, Sequence[int]]
 
@@ -84,7 +86,10 @@ class Llama:
     ``kv_cluster_memory="2G"`` (bytes, or a size such as ``512M``) turns clustering on with the largest ratio whose
     KV allocation (K, V and cluster sizes, at the given K/V types, measured) fits the budget for ``n_ctx`` tokens;
     if the full cache fits, it is used unclustered.
-    ``progress(done, total)`` is called before (done 0) and after each batch of a prompt.
+    ``progress(done, total)`` is called before (done 0) and after each batch of a prompt. ``model_params`` sets
+    fields of llama.cpp's ``llama_model_params`` before the model loads, for tools (e.g. ``{"use_extra_bufts":
+    False}``: no CPU repack copy of the weights; ``{"no_alloc": True, "load_mode": 0}``: llama.cpp's memory-fit
+    mode, which sizes buffers without allocating them; such a model cannot decode).
     """
 
     def __init__(
@@ -109,6 +114,7 @@ class Llama:
         kv_cluster: bool | None = None,
         kv_cluster_memory: int | str | None = None,
         progress: Callable[[int, int], None] | None = None,
+        model_params: Mapping[str, Any] | None = None,
         **kv_cluster_options: Any,
     ) -> None:
         self._model = ffi.NULL
@@ -156,6 +162,11 @@ class Llama:
 
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        for name, value in (model_params or {}).items():
+            if name not in _MODEL_PARAM_FIELDS:
+                raise ValueError(f"model_params: {name!r} is not a llama_model_params field these bindings set "
+                                 f"(known: {', '.join(sorted(_MODEL_PARAM_FIELDS))})")
+            setattr(mparams, name, value)
         _lib.clear_recent_errors()
         self._model = lib.llama_model_load_from_file(str(path).encode(), mparams)
         if self._model == ffi.NULL:
@@ -186,9 +197,11 @@ class Llama:
         self._n_ctx_logical = n_ctx_value
         self._kv_layout: KVLayout | None = None
         self.kv_memory_plan: KVMemoryPlan | None = None
+        window_cells = self._window_cells(n_ctx_value, cparams)
         if budget is not None and cluster_options is not None:
             try:
-                self.kv_memory_plan = plan_for_budget(self.kv_layout(), budget, n_ctx_value, n_batch, cluster_options)
+                self.kv_memory_plan = plan_for_budget(self.kv_layout(), budget, n_ctx_value, n_batch, cluster_options,
+                                                      min_cells=window_cells)
             except ValueError:
                 self.close()
                 raise
@@ -198,7 +211,7 @@ class Llama:
         self.kv_cluster_options = cluster_options
         n_cells = n_ctx_value
         if self.kv_cluster_options is not None:
-            n_cells = self.kv_cluster_options.physical_cells(n_ctx_value, min(n_batch, n_ctx_value))
+            n_cells = max(self.kv_cluster_options.physical_cells(n_ctx_value, min(n_batch, n_ctx_value)), window_cells)
         cparams.n_ctx = n_cells
         cparams.n_batch = min(n_batch, n_cells)
         cparams.n_ubatch = min(n_ubatch, cparams.n_batch)
@@ -270,6 +283,13 @@ class Llama:
         """Physical KV cells allocated per sequence stream."""
         self._require_open()
         return int(lib.llama_n_ctx(self._ctx))
+
+    def _window_cells(self, n_ctx: int, cparams: Any) -> int:
+        """The fewest cells a clustered context of a sliding-window model (Gemma 3) may have: llama.cpp sizes its
+        window cache as min(cells, window + ubatch), and a smaller one cannot take the next batch beside the
+        window (only the full-attention cache is clustered); 0 for other models."""
+        n_swa = int(lib.llama_model_n_swa(self._model))
+        return min(n_ctx, n_swa + min(int(cparams.n_ubatch), int(cparams.n_batch))) if n_swa > 0 else 0
 
     def kv_layout(self) -> KVLayout:
         """The KV allocation of this model and these settings as a function of the cells (measured once with two

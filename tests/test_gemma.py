@@ -74,3 +74,16 @@ def test_gemma_clusters_beyond_its_cells_with_either_swa_cache() -> None:
             assert s["tokens"] == g.n_tokens and s["passes"] > 0
             stats.append((s["tokens"], s["cells"], s["passes"]))
     assert stats[0] == stats[1] and all(a.strip() for a in answers)
+
+
+def test_gemma_small_clustered_context_keeps_room_beside_the_window() -> None:
+    """llama.cpp sizes Gemma's sliding-window cache as min(cells, window + ubatch): a clustered context of fewer
+    cells (R = 0.2 of 1100 tokens, a 256-token batch: 476) could not take its second batch. It gets at least
+    window + ubatch cells, and the full-attention cache still merges."""
+    with Llama(str(gemma3_270m_path()), n_ctx=1100, n_batch=256, verbose=False, kv_cluster=True,
+               kv_cluster_ratio=0.2) as g:
+        assert g.n_cells() == 512 + 256
+        tokens = g.tokenize("The lantern by the harbour flickered while ships came in. " * 120)[:1060]
+        g.eval(tokens)
+        stats = g.kv_cluster_stats()
+        assert len(tokens) == stats["tokens"] == 1060 and stats["cells"] <= g.n_cells() and stats["passes"] > 0
