@@ -82,13 +82,15 @@ class ClusterOptions:
             raise ValueError(_named(problem, name_of))
         return self
 
-    def physical_cells(self, n_ctx: int, n_batch: int) -> int:
+    def physical_cells(self, n_ctx: int, n_batch: int, n_swa: int = 0, n_ubatch: int | None = None) -> int:
         """KV cells to allocate for a logical context of n_ctx tokens: the budget at a full context plus
         room for whichever is larger, the interval of slack while generating or one batch of the prompt
         (the cache compresses to budget before a batch or a token that would not fit, so a full interval never
-        needs a cell more), never more than the full cache."""
+        needs a cell more), never more than the full cache. A model with an n_swa-token sliding window gets at
+        least window + ubatch cells: llama.cpp sizes its window cache (never clustered) as min(cells, window +
+        ubatch), and a smaller one cannot take the next batch beside the window it must keep."""
         budget = max(math.ceil(self.ratio * n_ctx), self.sinks + self.recent + 2)
-        return min(n_ctx, budget + max(self.interval, n_batch))
+        return max(min(n_ctx, budget + max(self.interval, n_batch)), window_cells(n_ctx, n_swa, n_ubatch or n_batch))
 
     def to_native(self) -> Any:
         """The options as a ``struct chelsea_kv_cluster_params`` (call validated() first: cffi refuses values
@@ -97,6 +99,11 @@ class ClusterOptions:
         for o in OPTIONS:
             setattr(p, o.c_name, getattr(self, o.name))
         return p
+
+
+def window_cells(n_ctx: int, n_swa: int, n_ubatch: int) -> int:
+    """The fewest cells a clustered context of a model with an n_swa-token sliding window may have (0: none)."""
+    return min(n_ctx, n_swa + n_ubatch) if n_swa > 0 else 0
 
 
 @dataclass(frozen=True)

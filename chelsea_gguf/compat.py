@@ -132,15 +132,17 @@ def _cluster_options(keywords: dict[str, Any]) -> cluster.ClusterOptions | None:
                                {k: v for k, v in keywords.items() if k != "kv_cluster"})
 
 
-def _n_ctx_train(model_path: str) -> int:
-    """The model's trained context, read without loading its weights."""
+def _model_facts(model_path: str) -> tuple[int, int]:
+    """The model's trained context and sliding window (0: none), read without loading its weights."""
     params = lib.llama_model_default_params()
-    params.vocab_only = True
+    # llama.cpp's memory-fit mode: hyper-parameters and metadata, no weights read (vocab_only leaves them 0)
+    params.no_alloc = True
+    params.load_mode = lib.LLAMA_LOAD_MODE_NONE
     model = lib.llama_model_load_from_file(str(model_path).encode(), params)
     if model == ffi.NULL:
         raise ValueError(f"failed to load model from {model_path}")
     try:
-        return int(lib.llama_model_n_ctx_train(model))
+        return int(lib.llama_model_n_ctx_train(model)), int(lib.llama_model_n_swa(model))
     finally:
         lib.llama_model_free(model)
 
@@ -178,10 +180,12 @@ def _patch_llama_class(cls: type) -> None:
         if options is None:
             stock_init(self, model_path, *args, **kwargs)
             return
-        logical = int(kwargs.get("n_ctx", 512)) or _n_ctx_train(model_path)
+        n_ctx_train, n_swa = _model_facts(model_path)
+        logical = int(kwargs.get("n_ctx", 512)) or n_ctx_train
         n_batch = int(kwargs.get("n_batch", 512))
+        n_ubatch = min(int(kwargs.get("n_ubatch", 512)), n_batch)
         # the context holds about ratio * n_ctx cells; positions (and llama_cpp's token buffers) span n_ctx
-        kwargs["n_ctx"] = options.physical_cells(logical, min(n_batch, logical))
+        kwargs["n_ctx"] = options.physical_cells(logical, min(n_batch, logical), n_swa, n_ubatch)
         stock_init(self, model_path, *args, **kwargs)
         self._chelsea_n_ctx = logical
         self._n_ctx = logical

@@ -197,7 +197,8 @@ class Llama:
         self._n_ctx_logical = n_ctx_value
         self._kv_layout: KVLayout | None = None
         self.kv_memory_plan: KVMemoryPlan | None = None
-        window_cells = self._window_cells(n_ctx_value, cparams)
+        n_swa = int(lib.llama_model_n_swa(self._model))
+        window_cells = cluster.window_cells(n_ctx_value, n_swa, int(cparams.n_ubatch))
         if budget is not None and cluster_options is not None:
             try:
                 self.kv_memory_plan = plan_for_budget(self.kv_layout(), budget, n_ctx_value, n_batch, cluster_options,
@@ -211,7 +212,8 @@ class Llama:
         self.kv_cluster_options = cluster_options
         n_cells = n_ctx_value
         if self.kv_cluster_options is not None:
-            n_cells = max(self.kv_cluster_options.physical_cells(n_ctx_value, min(n_batch, n_ctx_value)), window_cells)
+            n_cells = self.kv_cluster_options.physical_cells(n_ctx_value, min(n_batch, n_ctx_value), n_swa,
+                                                             int(cparams.n_ubatch))
         cparams.n_ctx = n_cells
         cparams.n_batch = min(n_batch, n_cells)
         cparams.n_ubatch = min(n_ubatch, cparams.n_batch)
@@ -283,13 +285,6 @@ class Llama:
         """Physical KV cells allocated per sequence stream."""
         self._require_open()
         return int(lib.llama_n_ctx(self._ctx))
-
-    def _window_cells(self, n_ctx: int, cparams: Any) -> int:
-        """The fewest cells a clustered context of a sliding-window model (Gemma 3) may have: llama.cpp sizes its
-        window cache as min(cells, window + ubatch), and a smaller one cannot take the next batch beside the
-        window (only the full-attention cache is clustered); 0 for other models."""
-        n_swa = int(lib.llama_model_n_swa(self._model))
-        return min(n_ctx, n_swa + min(int(cparams.n_ubatch), int(cparams.n_batch))) if n_swa > 0 else 0
 
     def kv_layout(self) -> KVLayout:
         """The KV allocation of this model and these settings as a function of the cells (measured once with two

@@ -56,6 +56,30 @@ def test_physical_cells_below_the_logical_context(clustered) -> None:
     assert clustered.input_ids.shape == (4096,)
 
 
+def test_n_ctx_0_is_the_training_context_with_clustering(model_path: Path) -> None:
+    llm = make(model_path, n_ctx=0, kv_cluster=True, kv_cluster_ratio=0.25)
+    try:
+        assert llm.n_ctx() == 8192 and llama_cpp.llama_n_ctx(llm.ctx) < 8192 // 2
+    finally:
+        llm.close()
+
+
+@pytest.mark.slow
+def test_small_clustered_gemma_context_keeps_room_beside_the_window() -> None:
+    """As chelsea_gguf.Llama: at least window + ubatch cells, or the second prompt batch finds no slot."""
+    from chelsea_gguf.models import gemma3_270m_path
+
+    llm = llama_cpp.Llama(str(gemma3_270m_path()), n_ctx=1100, n_batch=256, kv_cluster=True, kv_cluster_ratio=0.2,
+                          verbose=False)
+    try:
+        assert llama_cpp.llama_n_ctx(llm.ctx) == 512 + 256
+        tokens = llm.tokenize(("The lantern by the harbour flickered while ships came in. " * 120).encode())[:1060]
+        llm.eval(tokens)
+        assert llm.kv_cluster_stats()["tokens"] == 1060
+    finally:
+        llm.close()
+
+
 def test_passkey_through_llama_cpp_with_clustering(clustered) -> None:
     """~2.9k tokens in a context of ~1.5k cells: only a clustered cache can hold it, and it must still find the key."""
     p = passkey_prompt(120, 0.3, seed=11)
