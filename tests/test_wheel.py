@@ -52,7 +52,10 @@ def test_wheel_runs_in_a_fresh_venv(wheel: Path, tmp_path: Path, model_path: Pat
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     bin_dir = env_dir / "bin"
-    env = {k: v for k, v in os.environ.items() if k not in ("LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV")}
+    # as a fresh shell would have it: nothing pointing at this checkout's install (chelsea_gguf.compat, imported by
+    # other tests in this process, sets LLAMA_CPP_LIB_PATH to its libraries)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LD_LIBRARY_PATH", "PYTHONPATH", "VIRTUAL_ENV", "LLAMA_CPP_LIB_PATH")}
     run(bin_dir / "python", "-m", "pip", "install", "-q", wheel, env=env)
     out = run(bin_dir / "chelsea-run", model_path, "-p", "The capital of France is", "-n", "6", "--temp", "0",
               cwd=tmp_path, env=env)
