@@ -122,23 +122,23 @@ def plan_for_budget(layout: KVLayout, budget: int, n_ctx: int, n_batch: int, opt
     batch = min(n_batch, n_ctx)
     if full <= budget:  # exact, and smaller than clustering at ratio 1 (no cluster sizes)
         return KVMemoryPlan(budget_bytes=budget, ratio=1.0, n_cells=n_ctx, kv_bytes=full, full_bytes=full)
-    else:
-        slack = max(options.interval, batch)
-        floor = options.sinks + options.recent + 2
-        room = layout.max_cells(budget, clustered=True) - slack
-        if room < floor or layout.max_cells(budget, clustered=True) < min_cells:
-            least = layout.bytes(max(floor + slack, min_cells), clustered=True)
-            window = f"; at least {min_cells} cells beside the sliding window" if min_cells > floor + slack else ""
-            raise ValueError(
-                f"{option}: {budget / MIB:.1f} MiB cannot hold a clustered KV cache for {n_ctx} tokens: the cells "
-                f"it always keeps ({options.sinks} sinks + {options.recent} recent + 2, and {slack} for a batch "
-                f"of the prompt{window}) take {least / MIB:.1f} MiB (the full cache: {full / MIB:.1f} MiB)")
-        ratio = math.floor(room / n_ctx * 1e4) / 1e4
-        while ratio > 0 and layout.bytes(_cells(options, ratio, n_ctx, batch, min_cells), clustered=True) > budget:
-            ratio = round(ratio - 1e-4, 4)
-        if ratio <= 0:
-            raise ValueError(f"{option}: {budget / MIB:.1f} MiB leaves a ratio below 0.0001 for {n_ctx} tokens; "
-                             f"give a larger budget or a shorter context")
+    slack = max(options.interval, batch)
+    floor = options.sinks + options.recent + 2
+    max_cells = layout.max_cells(budget, clustered=True)
+    room = max_cells - slack
+    if room < floor or max_cells < min_cells:
+        least = layout.bytes(max(floor + slack, min_cells), clustered=True)
+        window = f"; at least {min_cells} cells beside the sliding window" if min_cells > floor + slack else ""
+        raise ValueError(
+            f"{option}: {budget / MIB:.1f} MiB cannot hold a clustered KV cache for {n_ctx} tokens: the cells "
+            f"it always keeps ({options.sinks} sinks + {options.recent} recent + 2, and {slack} for a batch "
+            f"of the prompt{window}) take {least / MIB:.1f} MiB (the full cache: {full / MIB:.1f} MiB)")
+    ratio = math.floor(room / n_ctx * 1e4) / 1e4
+    while ratio > 0 and layout.bytes(_cells(options, ratio, n_ctx, batch, min_cells), clustered=True) > budget:
+        ratio = round(ratio - 1e-4, 4)
+    if ratio <= 0:
+        raise ValueError(f"{option}: {budget / MIB:.1f} MiB leaves a ratio below 0.0001 for {n_ctx} tokens; "
+                         f"give a larger budget or a shorter context")
     n_cells = _cells(options, ratio, n_ctx, batch, min_cells)
     return KVMemoryPlan(budget_bytes=budget, ratio=ratio, n_cells=n_cells,
                         kv_bytes=layout.bytes(n_cells, clustered=True), full_bytes=full)
