@@ -21,6 +21,10 @@ struct llama_context;
 struct llama_vocab;
 struct llama_sampler;
 typedef struct llama_memory_i * llama_memory_t;
+typedef struct ggml_backend_device * ggml_backend_dev_t;
+typedef struct ggml_backend_reg * ggml_backend_reg_t;
+enum ggml_backend_dev_type { GGML_BACKEND_DEVICE_TYPE_CPU, GGML_BACKEND_DEVICE_TYPE_GPU,
+                             GGML_BACKEND_DEVICE_TYPE_IGPU, GGML_BACKEND_DEVICE_TYPE_ACCEL, ... };
 
 enum ggml_type { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, GGML_TYPE_Q5_0,
                  GGML_TYPE_Q5_1, GGML_TYPE_Q8_0, GGML_TYPE_BF16, GGML_TYPE_IQ4_NL, ... };
@@ -39,9 +43,11 @@ enum llama_load_mode {
 };
 
 struct llama_model_params {
+    ggml_backend_dev_t * devices;
     int32_t n_gpu_layers;
     enum llama_load_mode load_mode;
     int32_t main_gpu;
+    const float * tensor_split;
     bool vocab_only;
     bool check_tensors;
     bool use_extra_bufts;
@@ -109,6 +115,20 @@ struct llama_context_params llama_context_default_params(void);
 struct llama_sampler_chain_params llama_sampler_chain_default_params(void);
 
 void llama_backend_init(void);
+bool llama_supports_rpc(void);
+size_t llama_max_devices(void);
+
+/* ggml-backend.h: devices, and the RPC backend's add_server (through get_proc_address) */
+ggml_backend_reg_t ggml_backend_reg_by_name(const char * name);
+void * ggml_backend_reg_get_proc_address(ggml_backend_reg_t reg, const char * name);
+size_t ggml_backend_reg_dev_count(ggml_backend_reg_t reg);
+ggml_backend_dev_t ggml_backend_reg_dev_get(ggml_backend_reg_t reg, size_t index);
+size_t ggml_backend_dev_count(void);
+ggml_backend_dev_t ggml_backend_dev_get(size_t index);
+const char * ggml_backend_dev_name(ggml_backend_dev_t device);
+const char * ggml_backend_dev_description(ggml_backend_dev_t device);
+enum ggml_backend_dev_type ggml_backend_dev_type(ggml_backend_dev_t device);
+void ggml_backend_dev_memory(ggml_backend_dev_t device, size_t * free, size_t * total);
 void llama_log_set(ggml_log_callback log_callback, void * user_data);
 const char * llama_print_system_info(void);
 bool llama_supports_gpu_offload(void);
@@ -209,6 +229,13 @@ struct chelsea_kv_stats {
 int32_t chelsea_kv_stats_get(const struct llama_context * ctx, struct chelsea_kv_stats * out);
 int64_t chelsea_kv_seq_tokens(const struct llama_context * ctx, llama_seq_id seq_id);
 uint64_t chelsea_compute_buffer_bytes(const struct llama_context * ctx);
+struct chelsea_buffer_memory {
+    char     name[128];
+    uint64_t model_bytes;
+    uint64_t kv_bytes;
+    uint64_t compute_bytes;
+};
+int32_t chelsea_buffer_memory_get(const struct llama_context * ctx, struct chelsea_buffer_memory * out, int32_t n_max);
 
 struct chelsea_kv_cluster_params {
     float   ratio;

@@ -44,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-b", "--batch-size", dest="batch_size", type=int, default=512, metavar="N")
     p.add_argument("-ub", "--ubatch-size", dest="ubatch_size", type=int, default=512, metavar="N")
     p.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=int, default=0, metavar="N")
+    p.add_argument("-ts", "--tensor-split", dest="tensor_split", metavar="N0,N1,...",
+                   help="shares of the offloaded layers per device, e.g. 3,1 (llama.cpp's split)")
+    p.add_argument("--rpc", dest="rpc", metavar="HOST:PORT,...",
+                   help="RPC workers (chelsea-rpc-server) to hold the offloaded layers (-ngl) and their KV cache")
     p.add_argument("-fa", "--flash-attn", dest="flash_attn", default="auto", choices=sorted(FLASH_ATTN_MODES),
                    help="flash attention: on, off or auto, on where the backend supports it (default auto)")
     p.add_argument("-ctk", "--cache-type-k", dest="cache_type_k", default="f16", choices=list(KV_CACHE_TYPES),
@@ -270,13 +274,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     progress = PromptProgress(sys.stderr) if sys.stderr.isatty() else None
     try:
         llm = Llama(model, n_ctx=n_ctx, n_batch=args.batch_size, n_ubatch=args.ubatch_size,
-                    n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, flash_attn=args.flash_attn,
+                    n_threads=args.threads, n_gpu_layers=args.n_gpu_layers, tensor_split=args.tensor_split,
+                    rpc_servers=args.rpc, flash_attn=args.flash_attn,
                     type_k=args.cache_type_k, type_v=args.cache_type_v, seed=args.seed, verbose=args.verbose,
                     progress=progress, **cluster_kwargs)
     except (FileNotFoundError, ValueError, ModelFetchError) as e:
         message = str(e)
-        if message.startswith("kv_cluster_memory:"):
-            message = "--kv-mem:" + message.removeprefix("kv_cluster_memory:")
+        for keyword, flag in (("kv_cluster_memory:", "--kv-mem:"), ("rpc_servers:", "--rpc:"),
+                              ("tensor_split:", "--tensor-split:")):
+            if message.startswith(keyword):
+                message = flag + message.removeprefix(keyword)
         print(f"chelsea-run: error: {message}", file=sys.stderr)
         return 1
     if progress is not None:

@@ -13,12 +13,13 @@ from typing import Any, Union
 
 from chelsea_gguf import _lib
 from chelsea_gguf._lib import ffi, lib
-from chelsea_gguf import cluster
+from chelsea_gguf import cluster, rpc
 from chelsea_gguf.chat import format_chat_prompt
 from chelsea_gguf.kv import KVStats, read_kv_stats
 from chelsea_gguf.kv_memory import KVLayout, KVMemoryPlan, measure_kv_layout, parse_memory_size, plan_for_budget
 from chelsea_gguf.models import resolve_model
-from chelsea_gguf.options import parse_context_size, parse_flash_attn, parse_kv_type, require_float, require_int
+from chelsea_gguf.options import parse_context_size, parse_flash_attn, parse_kv_type, parse_tensor_split, \
+    require_float, require_int
 from chelsea_gguf.sampling import DEFAULT_SEED, Sampler, SamplingParams
 from chelsea_gguf.text import StopScanner
 
@@ -90,6 +91,8 @@ class Llama:
     fields of llama.cpp's ``llama_model_params`` before the model loads, for tools (e.g. ``{"use_extra_bufts":
     False}``: no CPU repack copy of the weights; ``{"no_alloc": True, "load_mode": 0}``: llama.cpp's memory-fit
     mode, which sizes buffers without allocating them; such a model cannot decode).
+    ``rpc_servers="host:port,host:port"`` puts the offloaded layers (``n_gpu_layers``, split by ``tensor_split``) and
+    their KV cache on ``chelsea-rpc-server`` workers, which also run the compressions of the layers they hold.
     """
 
     def __init__(
@@ -97,6 +100,8 @@ class Llama:
         model_path: str | os.PathLike[str] | None = None,
         *,
         n_gpu_layers: int = 0,
+        tensor_split: Sequence[float] | str | None = None,
+        rpc_servers: str | Sequence[str] | None = None,
         seed: int = DEFAULT_SEED,
         n_ctx: int | str = 512,
         n_batch: int = 512,
@@ -126,6 +131,11 @@ class Llama:
         require_int("n_batch", n_batch, 1)
         require_int("n_ubatch", n_ubatch, 1)
         require_int("n_gpu_layers", n_gpu_layers, -1)
+        split = None if tensor_split is None else parse_tensor_split(tensor_split)
+        if split is not None and len(split) > lib.llama_max_devices():
+            raise ValueError(f"tensor_split: {len(split)} shares, more than the {lib.llama_max_devices()} devices "
+                             "llama.cpp can split over")
+        endpoints = None if rpc_servers is None else rpc.parse_rpc_servers(rpc_servers)
         require_int("seed", seed, 0, 0xFFFFFFFF)
         threads = default_thread_count() if n_threads is None else require_int("n_threads", n_threads, 1, 1024)
         threads_batch = threads if n_threads_batch is None else require_int("n_threads_batch", n_threads_batch, 1, 1024)
@@ -162,6 +172,18 @@ class Llama:
 
         mparams = lib.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        # llama.cpp reads both arrays while loading: they live as long as this object
+        self._devices = self._tensor_split = None
+        if endpoints is not None:
+            try:
+                self._devices = rpc.model_devices(endpoints)
+            except ValueError:
+                self.close()
+                raise
+            mparams.devices = self._devices
+        if split is not None:
+            self._tensor_split = ffi.new("float[]", split + [0.0]*(lib.llama_max_devices() - len(split)))
+            mparams.tensor_split = self._tensor_split
         for name, value in (model_params or {}).items():
             if name not in _MODEL_PARAM_FIELDS:
                 raise ValueError(f"model_params: {name!r} is not a llama_model_params field these bindings set "
@@ -638,6 +660,11 @@ class Llama:
         """Cells, tokens represented and real K/V allocation of this context's KV cache."""
         self._require_open()
         return read_kv_stats(self._ctx, 0)
+
+    def buffer_memory(self) -> list[rpc.BufferMemory]:
+        """What this context and its model allocate per buffer type (the CPU, each GPU or RPC worker device)."""
+        self._require_open()
+        return rpc.buffer_memory(self._ctx)
 
     def kv_cluster_stats(self) -> dict[str, Any]:
         self._require_open()

@@ -96,3 +96,15 @@ def require_float(option: str, value: Any, minimum: float | None = None, maximum
         hi = "inf" if maximum is None else maximum
         raise ValueError(f"{option}: {value} is out of range ({lo} .. {hi})")
     return v
+
+
+def parse_tensor_split(value: Any, option: str = "tensor_split") -> list[float]:
+    """Shares of the offloaded layers per device, ``[3, 1]`` or ``"3,1"`` (llama.cpp's ``--tensor-split``)."""
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        shares = [float(v) for v in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"{option}: expected shares per device such as 3,1, got {value!r}") from None
+    if not shares or any(not (s >= 0.0) or s == float("inf") for s in shares) or sum(shares) <= 0.0:
+        raise ValueError(f"{option}: expected non-negative shares per device, not all 0, got {value!r}")
+    return shares

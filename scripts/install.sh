@@ -24,6 +24,8 @@ PYTHON="${PYTHON:-python3}"
 # llama-cpp-python's Python side only (its own llama.cpp build switched off): chelsea_gguf.compat runs it,
 # and its OpenAI server, on this package's patched libllama
 CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" "$PYTHON" -m pip install -q "llama-cpp-python[server]==0.3.36"
+# the RPC backend and its worker (chelsea-rpc-server), unless CHELSEA_RPC=OFF
+export CHELSEA_RPC="${CHELSEA_RPC:-ON}"
 # ccache keys on paths relative to the checkout, so a second clone reuses the first one's objects
 export CCACHE_BASEDIR="$PWD"
 "$PYTHON" -m pip install -q --no-build-isolation -e ".[test,gemma]"

@@ -34,6 +34,20 @@ LLAMA_API int32_t chelsea_kv_stats_get(const struct llama_context * ctx, struct 
 // over backends: with the KV cache and the model's weights, what a context allocates. Returns 0 for a NULL ctx.
 LLAMA_API uint64_t chelsea_compute_buffer_bytes(const struct llama_context * ctx);
 
+// What a context allocates on one buffer type (a device's memory, or the host's): the model's weights, its KV cache
+// with the cluster sizes, its compute buffers. With RPC workers, one entry per worker device ("RPC0[host:port]").
+struct chelsea_buffer_memory {
+    char     name[128];     // the buffer type's name, cut to fit
+    uint64_t model_bytes;
+    uint64_t kv_bytes;
+    uint64_t compute_bytes;
+};
+// Fills out[0 .. min(n_max, count)) and returns the count of buffer types, or -1 for a NULL ctx.
+LLAMA_API int32_t chelsea_buffer_memory_get(
+        const struct llama_context * ctx,
+        struct chelsea_buffer_memory * out,
+        int32_t n_max);
+
 // Tokens that sequence seq_id's cells represent in the cache of full-attention layers
 // (one per cell without clustering). Returns -1 for an invalid seq_id or a context without a KV cache.
 LLAMA_API int64_t chelsea_kv_seq_tokens(const struct llama_context * ctx, llama_seq_id seq_id);

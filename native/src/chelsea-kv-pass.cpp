@@ -240,6 +240,27 @@ ggml_tensor * build_layer_pass(ggml_context * ctx, ggml_cgraph * gf, pass_span &
     return nonfinite;
 }
 
+// the nodes [n_nodes0, n) of a layer's pass onto the backend that holds the layer's cache. The scheduler would give
+// the first ones, those that read no buffer of their own yet, the backend of the layer before: across two devices
+// (two RPC workers) the layer's K and V would then be copied from one to the other, through the client
+void pin_to_cache_backend(ggml_backend_sched_t sched, ggml_cgraph * gf, int n_nodes0, const ggml_tensor * cache_k) {
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(cache_k->buffer));
+    ggml_backend_t backend = nullptr;
+    for (int i = 0; i < ggml_backend_sched_get_n_backends(sched) && backend == nullptr; ++i) {
+        ggml_backend_t b = ggml_backend_sched_get_backend(sched, i);
+        backend = ggml_backend_get_device(b) == dev ? b : nullptr;
+    }
+    if (backend == nullptr) {
+        return;
+    }
+    for (int i = n_nodes0; i < ggml_graph_n_nodes(gf); ++i) {
+        ggml_tensor * node = ggml_graph_node(gf, i);
+        if (ggml_backend_supports_op(backend, node)) {
+            ggml_backend_sched_set_tensor_backend(sched, node, backend);
+        }
+    }
+}
+
 // the sequence's cells in position order, and how many of the first are shared with other sequences (seq_cp in one
 // stream: they stand for all of them and are kept as they are, like the sinks); false if a shared cell follows one
 // of its own
@@ -448,7 +469,12 @@ int64_t llama_kv_cache::chelsea_run_pass(llama_context * lctx, const chelsea_pas
     // region slices the match ops marked non-finite, summed over layers
     ggml_tensor * nonfinite = nullptr;
     for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
+        const int n_nodes0 = ggml_graph_n_nodes(gf);
         ggml_tensor * marked = build_layer_pass(ctx, gf, span, st, st.rng, pass, layers[ikv].k, layers[ikv].v, v_trans, ikv, drawn);
+        if (marked) {
+            ggml_build_forward_expand(gf, marked);
+        }
+        pin_to_cache_backend(sched, gf, n_nodes0, layers[ikv].k);
         if (marked) {
             nonfinite = nonfinite ? ggml_add(ctx, nonfinite, marked) : marked;
         }

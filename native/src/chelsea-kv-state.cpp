@@ -9,9 +9,22 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 #include <string>
 #include <vector>
+
+// RPC devices answer supports_op from the op alone, as the worker's HELLO said (ggml_patches/0011); a stock worker
+// would abort on the first pass. Local backends built here (CPU, CUDA, Metal) run the ops
+static bool chelsea_dev_runs_ops(ggml_backend_dev_t dev) {
+    ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
+    if (reg == nullptr || std::strncmp(ggml_backend_reg_name(reg), "RPC", 3) != 0) {
+        return true;
+    }
+    ggml_tensor op = {};
+    op.op = GGML_OP_CHELSEA_MATCH;
+    return ggml_backend_dev_supports_op(dev, &op);
+}
 
 size_t chelsea_kv_state::sizes_bytes() const {
     size_t n = 0;
@@ -88,6 +101,17 @@ bool llama_kv_cache::chelsea_enable(const chelsea_kv_cluster_params & params, st
         if (head_dim % ggml_blck_size(layer.k->type) != 0 ||
             (layer.v && !v_trans && hparams.n_embd_head_v(layer.il) % ggml_blck_size(layer.v->type) != 0)) {
             err = "the KV cache type's block size does not divide the head size";
+            return false;
+        }
+    }
+
+    for (const auto & layer : layers) {
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(layer.k->buffer));
+        if (dev != nullptr && !chelsea_dev_runs_ops(dev)) {
+            err = std::string("the KV cache of layer ") + std::to_string(layer.il) + " is on " +
+                ggml_backend_dev_name(dev) + " (" + ggml_backend_dev_description(dev) + "), a worker built without "
+                "the Chelsea clustering ops (a stock llama.cpp rpc-server?): start chelsea-rpc-server there, or turn "
+                "clustering off";
             return false;
         }
     }

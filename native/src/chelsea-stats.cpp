@@ -4,10 +4,13 @@
 #include "chelsea-kv.h"
 
 #include "llama-context.h"
+#include "llama-ext.h"
 #include "llama-kv-cache.h"
 #include "llama-kv-cache-iswa.h"
 #include "llama-memory-hybrid.h"
 
+#include <cstring>
+#include <map>
 #include <vector>
 
 namespace {
@@ -89,4 +92,36 @@ uint64_t chelsea_compute_buffer_bytes(const llama_context * ctx) {
         n += ggml_backend_sched_get_buffer_size(sched, ggml_backend_sched_get_backend(sched, i));
     }
     return n;
+}
+
+int32_t chelsea_buffer_memory_get(const llama_context * ctx, chelsea_buffer_memory * out, int32_t n_max) {
+    if (ctx == nullptr) {
+        return -1;
+    }
+    llama_memory_breakdown mb = llama_get_memory_breakdown(ctx);
+    // the cluster sizes live beside K/V, in buffers of their own that the cache's breakdown does not list
+    std::map<ggml_backend_buffer_type_t, size_t> sizes;
+    for (const llama_kv_cache * kv : attention_caches(ctx)) {
+        if (kv != nullptr && kv->chelsea) {
+            for (const auto & [_, buf] : kv->chelsea->ctxs_bufs) {
+                sizes[ggml_backend_buffer_get_type(buf.get())] += ggml_backend_buffer_get_size(buf.get());
+            }
+        }
+    }
+    for (const auto & [buft, n] : sizes) {
+        mb[buft].context += n;
+    }
+    int32_t i = 0;
+    for (const auto & [buft, data] : mb) {
+        if (out != nullptr && i < n_max) {
+            chelsea_buffer_memory & m = out[i];
+            m = {};
+            std::strncpy(m.name, ggml_backend_buft_name(buft), sizeof(m.name) - 1);
+            m.model_bytes   = data.model;
+            m.kv_bytes      = data.context;
+            m.compute_bytes = data.compute;
+        }
+        ++i;
+    }
+    return i;
 }
