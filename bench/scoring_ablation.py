@@ -6,7 +6,7 @@
     python3 bench/scoring_ablation.py --report                                  # the table of every recorded run
 
 A configuration sets ClusterOptions fields by short names (``distinct`` = ``kv_cluster_distinct_weight``,
-``size`` = ``kv_cluster_size_weight``, or any field name); ``default`` is today's defaults. Each run answers the
+``size`` = ``kv_cluster_size_weight``, ``value`` = ``kv_cluster_value_weight``, or any field name); ``default`` is today's defaults. Each run answers the
 same needle items (no chat items: they do not depend on the ranking more than the needle items do) and writes
 ``results/scoring_ablation/<R>_<config>.json``; ``--report`` writes ``results/scoring_ablation.md`` with retrieval
 per depth band and needle kind, the full cache's rows (from ``--full``) as the ceiling. ``--kld`` scores the
@@ -33,7 +33,7 @@ from methods import Chelsea
 from quality_kld import method_logprobs, score
 from retrieval import answer, row_for, tally, wilson
 
-SHORT = {"distinct": "distinct_weight", "size": "size_weight"}
+SHORT = {"distinct": "distinct_weight", "size": "size_weight", "value": "value_weight"}
 OUT = RESULTS / "scoring_ablation"
 LENGTHS = (1024, 1536, 2048)
 DEPTHS = (0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
@@ -55,14 +55,18 @@ def parse_config(text: str) -> dict[str, Any]:
     return out
 
 
-def run(ratio: float, config: str, threads: int, full: bool) -> Path:
+def run(ratio: float, config: str, threads: int, full: bool, kinds: list[str] | None = None) -> Path:
     method = FULL if full else chelsea_with(ratio, config)
     with FULL.open(64, None, 1) as tok_llm:
+        # the whole set first, then the kinds asked for: the same items (and lengths) as in a run of all of them
         items = build_items(lambda t: len(tok_llm.tokenize(t)), LENGTHS, depths=DEPTHS)
+        items = [it for it in items if kinds is None or it.needle_kind in kinds]
         tokens = {it.item_id: tok_llm.tokenize(it.prompt()) for it in items}
     t0 = time.time()
     rows: list[dict[str, Any]] = []
     name = "full" if full else f"{ratio:g}_{config.replace('=', '').replace(',', '_')}"
+    if kinds is not None:
+        name += "_" + "_".join(kinds)
     meta = provenance("python3 bench/scoring_ablation.py" + " ".join([""] + sys.argv[1:]), ratio=ratio,
                       config=config, threads=threads, lengths=list(LENGTHS), depths=list(DEPTHS))
     for it in items:
@@ -153,11 +157,14 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only write the table of the recorded runs")
     ap.add_argument("--kld", help="semicolon-separated configurations to score by KLD instead")
+    ap.add_argument("--kinds", help="only these needle kinds, comma-separated (e.g. number): a first look; the run "
+                                    "is recorded under its own name")
     args = ap.parse_args()
     if args.kld:
         print(kld(args.ratio, args.kld.split(";"), args.threads))
     elif not args.report:
-        print(run(args.ratio, args.config, args.threads, args.full))
+        kinds = None if args.kinds is None else [k.strip() for k in args.kinds.split(",") if k.strip()]
+        print(run(args.ratio, args.config, args.threads, args.full, kinds))
     print(report().read_text())
     return 0
 

@@ -251,6 +251,7 @@ struct chelsea_kv_cluster_params {
     uint32_t seed;
     float    distinct_weight;
     float    size_weight;
+    float    value_weight;
 };
 struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);
 int32_t chelsea_kv_cluster_params_check(const struct chelsea_kv_cluster_params * params, char * err, size_t err_len);

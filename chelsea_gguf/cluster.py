@@ -70,6 +70,8 @@ class ClusterOptions:
                                      "--kv-distinct-weight")
     size_weight: float = _option("size_weight", "spread merges: lowers a pair's score by this times tanh(log size) "
                                  "of its A cell; 0: off", "--kv-size-weight")
+    value_weight: float = _option("value_weight", "keep values apart: lowers a pair's score by this times "
+                                  "(1 - cos(value of A, value of B))/2; 0: off", "--kv-value-weight")
 
     def validated(self, label: Callable[["OptionSpec"], str] | None = None) -> "ClusterOptions":
         """Self if every option is valid, else ValueError naming the option as `label` calls it (default: its

@@ -36,7 +36,7 @@ def compress(model_path: Path, **weights: float) -> tuple[dict, list[list[float]
         return stats, cluster_sizes(llm.ctx, 0, stats["cells"]), logits
 
 
-UNWEIGHTED = {"kv_cluster_distinct_weight": 0.0, "kv_cluster_size_weight": 0.0}
+UNWEIGHTED = {"kv_cluster_distinct_weight": 0.0, "kv_cluster_size_weight": 0.0, "kv_cluster_value_weight": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,7 @@ def default_run(model_path: Path) -> tuple[dict, list[list[float]], np.ndarray]:
 
 
 @pytest.mark.parametrize("weights", [{"kv_cluster_distinct_weight": 2.0}, {"kv_cluster_size_weight": 1.0},
+                                     {"kv_cluster_value_weight": 1.0},
                                      {"kv_cluster_distinct_weight": 1.0, "kv_cluster_size_weight": 0.5}])
 def test_weighted_ranking_merges_other_cells_to_the_same_budget(model_path: Path, default_run, weights) -> None:
     base_stats, base_sizes, _ = default_run

@@ -77,6 +77,9 @@ struct chelsea_kv_cluster_params {
                              // whose keys stand out (a number, a name) merge last; 0: off
     float   size_weight;     // >= 0: a pair's score is lowered by this times tanh(log size) of its A cell, so merges
                              // spread over the sequence instead of growing the oldest centroids; 0: off
+    float   value_weight;    // >= 0: a pair's score is lowered by this times (1 - cos(value of A, value of B))/2, so
+                             // cells whose keys look alike but whose values differ (the digits of a number) merge
+                             // later; 0: off
 };
 
 LLAMA_API struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);

@@ -54,6 +54,9 @@ std::string chelsea_params_problem(const chelsea_kv_cluster_params & p) {
     if (!(p.size_weight >= 0.0f && p.size_weight <= 100.0f)) {
         return out_of_range("size_weight", p.size_weight, "in 0 .. 100");
     }
+    if (!(p.value_weight >= 0.0f && p.value_weight <= 100.0f)) {
+        return out_of_range("value_weight", p.value_weight, "in 0 .. 100");
+    }
     return "";
 }
 
@@ -77,6 +80,7 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.seed       = 0;
     p.distinct_weight = 1.0f;
     p.size_weight     = 0.0f;
+    p.value_weight    = 0.0f;
     return p;
 }
 

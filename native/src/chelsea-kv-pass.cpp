@@ -154,20 +154,37 @@ ggml_tensor * key_distinctiveness(ggml_context * ctx, ggml_tensor * k, int64_t n
     return ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, d, n_head, n)));
 }
 
-// the match result with each candidate's score lowered by distinct_weight * max(distinctiveness of A, of its B) and
-// size_weight * tanh(log size of A), then divided by 1 + both weights: the same order of merges as those penalties
-// give, with scores kept in [-1, 1] so that the no-candidate and non-finite marks below stay apart
-ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, ggml_tensor * log_sizes,
-        const chelsea_kv_cluster_params & p, const chelsea_pass & pass) {
+// (1 - cos(value of A, value of the B cell it matched))/2 per region cell and KV head, [n_region, n_head]: how much
+// of the two values a merge averages away. v: [n_embd_v, n] (cells along ne1), or llama.cpp's transposed V, [n,
+// n_embd_v]; rows: the matched B cell of each region cell (B cells: any valid row, discarded by the caller)
+ggml_tensor * value_distance(ggml_context * ctx, ggml_tensor * v, bool v_trans, ggml_tensor * rows, int64_t n_head,
+        const chelsea_pass & pass) {
+    ggml_tensor * vf = v_trans ? ggml_transpose(ctx, v) : v;
+    vf = vf->type == GGML_TYPE_F32 ? ggml_cont(ctx, vf) : ggml_cast(ctx, ggml_cont(ctx, vf), GGML_TYPE_F32);
+    const int64_t head_dim = vf->ne[0]/n_head, n_region = pass.n_region;
+    ggml_tensor * vn = ggml_rms_norm(ctx, ggml_reshape_3d(ctx, vf, head_dim, n_head, pass.n), 1e-6f);
+    ggml_tensor * region = ggml_view_3d(ctx, vn, head_dim, n_head, n_region, vn->nb[1], vn->nb[2], pass.c0*vn->nb[2]);
+    ggml_tensor * v_a = ggml_cont(ctx, ggml_permute(ctx, region, 0, 2, 1, 3));             // [head_dim, n_region, n_head]
+    ggml_tensor * v_b = ggml_get_rows(ctx, v_a, rows);
+    ggml_tensor * dot = ggml_sum_rows(ctx, ggml_mul(ctx, v_a, v_b));                        // [1, n_region, n_head]
+    return ggml_reshape_2d(ctx, ggml_scale_bias(ctx, dot, -0.5f/(float) head_dim, 0.5f), n_region, n_head);
+}
+
+// the match result with each candidate's score lowered by distinct_weight * max(distinctiveness of A, of its B),
+// size_weight * tanh(log size of A) and value_weight * the pair's value distance, then divided by 1 + the weights:
+// the same order of merges as those penalties give, with scores kept in [-1, 1] so that the no-candidate and
+// non-finite marks below stay apart
+ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, ggml_tensor * v, bool v_trans,
+        ggml_tensor * log_sizes, const chelsea_kv_cluster_params & p, const chelsea_pass & pass) {
     const int64_t n_region = m->ne[0], n_head = m->ne[1];
     ggml_tensor * score = ggml_view_2d(ctx, m, n_region, n_head, m->nb[1], 0);
     ggml_tensor * index = ggml_view_2d(ctx, m, n_region, n_head, m->nb[1], m->nb[2]);
+    // B cells point at -1: relu makes that 0, a valid row whose value the blend below discards
+    ggml_tensor * rows = ggml_cast(ctx, ggml_relu(ctx, index), GGML_TYPE_I32);
     ggml_tensor * penalty = nullptr;
     if (p.distinct_weight > 0.0f) {
         ggml_tensor * d = key_distinctiveness(ctx, k, n_head, pass.n);
         ggml_tensor * d_a = ggml_cont(ctx, ggml_view_2d(ctx, d, n_region, n_head, d->nb[1], pass.c0*d->nb[0]));
-        // B cells point at -1: relu makes that 0, a valid row whose value the blend below discards
-        ggml_tensor * rows = ggml_cast(ctx, ggml_relu(ctx, index), GGML_TYPE_I32);
         ggml_tensor * d_b = ggml_get_rows(ctx, ggml_reshape_3d(ctx, d_a, 1, n_region, n_head), rows);
         d_b = ggml_reshape_2d(ctx, d_b, n_region, n_head);
         ggml_tensor * worse = ggml_add(ctx, d_a, ggml_relu(ctx, ggml_sub(ctx, d_b, d_a)));
@@ -178,9 +195,16 @@ ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, 
         ggml_tensor * grown = ggml_scale(ctx, ggml_tanh(ctx, ls), p.size_weight);
         penalty = penalty ? ggml_add(ctx, penalty, grown) : grown;
     }
+    if (p.value_weight > 0.0f && v != nullptr) {
+        ggml_tensor * apart = ggml_scale(ctx, value_distance(ctx, v, v_trans, rows, n_head, pass), p.value_weight);
+        penalty = penalty ? ggml_add(ctx, penalty, apart) : apart;
+    }
+    if (penalty == nullptr) {
+        return m;
+    }
     // 1 for candidates (scores in [-1, 1]), 0 for the marks GGML_CHELSEA_NO_SCORE and GGML_CHELSEA_NONFINITE
     ggml_tensor * candidate = ggml_step(ctx, ggml_scale_bias(ctx, score, 1.0f, 1.5f));
-    const float norm = 1.0f/(1.0f + p.distinct_weight + p.size_weight);
+    const float norm = 1.0f/(1.0f + p.distinct_weight + p.size_weight + p.value_weight);
     ggml_tensor * weighed = ggml_scale(ctx, ggml_sub(ctx, score, penalty), norm);
     // marks stay as they were: candidate*weighed + (1 - candidate)*score
     weighed = ggml_add(ctx, score, ggml_mul(ctx, candidate, ggml_sub(ctx, weighed, score)));
@@ -222,8 +246,8 @@ ggml_tensor * build_layer_pass(ggml_context * ctx, ggml_cgraph * gf, pass_span &
                 0.5f*(GGML_CHELSEA_NO_SCORE + GGML_CHELSEA_NONFINITE))));
     }
     ggml_tensor * sizes = span.cols(s, n_head_kv, pass.n);
-    if (!p.random_pairs && (p.distinct_weight > 0.0f || p.size_weight > 0.0f)) {
-        m = weigh_match(ctx, m, k, span.cols(st.log_sizes[ikv], n_head_kv, pass.n), p, pass);
+    if (!p.random_pairs && (p.distinct_weight > 0.0f || p.size_weight > 0.0f || p.value_weight > 0.0f)) {
+        m = weigh_match(ctx, m, k, vv, v_trans, span.cols(st.log_sizes[ikv], n_head_kv, pass.n), p, pass);
     }
     ggml_tensor * plan = ggml_chelsea_plan(ctx, m, sizes, c0, n_remove);
 
@@ -309,6 +333,9 @@ void retire_merged_cells(llama_kv_cells & cells, std::vector<uint32_t> & idx, co
 }
 
 } // namespace
+
+// tensors (nodes, views, leaves) one layer's pass may make, with room: about 75 with every ranking penalty on
+static constexpr int64_t CHELSEA_PASS_NODES_PER_LAYER = 128;
 
 // a batch this small is a generation step (or a few speculative tokens), not a prompt chunk
 static constexpr uint32_t CHELSEA_DECODE_MAX_TOKENS = 8;
@@ -456,11 +483,12 @@ int64_t llama_kv_cache::chelsea_run_pass(llama_context * lctx, const chelsea_pas
     auto * sched = lctx->get_sched();
 
     ggml_backend_sched_reset(sched);
-    auto * res = lctx->get_gf_res_reserve();
-    res->reset();
+    // a graph of its own: a pass has a few dozen nodes per layer (more with the ranking penalties), past the reserve
+    // graph's budget of 8 nodes per model tensor
+    llm_graph_result res(CHELSEA_PASS_NODES_PER_LAYER*(int64_t) layers.size() + 64);
 
-    ggml_context * ctx = res->get_ctx();
-    ggml_cgraph  * gf  = res->get_gf();
+    ggml_context * ctx = res.get_ctx();
+    ggml_cgraph  * gf  = res.get_gf();
 
     pass_span span(ctx, pass.cells, get_size(), pass.strm);
 
@@ -500,5 +528,7 @@ int64_t llama_kv_cache::chelsea_run_pass(llama_context * lctx, const chelsea_pas
     if (nonfinite) {
         ggml_backend_tensor_get(nonfinite, &n_nonfinite, 0, sizeof(n_nonfinite));
     }
+    // the graph's tensors go with `res`: nothing may still be computing them
+    ggml_backend_sched_synchronize(sched);
     return (int64_t) n_nonfinite;
 }
