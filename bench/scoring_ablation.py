@@ -68,7 +68,7 @@ def run(ratio: float, config: str, threads: int, full: bool, kinds: list[str] | 
     if kinds is not None:
         name += "_" + "_".join(kinds)
     meta = provenance("python3 bench/scoring_ablation.py" + " ".join([""] + sys.argv[1:]), ratio=ratio,
-                      config=config, threads=threads, lengths=list(LENGTHS), depths=list(DEPTHS))
+                      config=config, threads=threads, lengths=list(LENGTHS), depths=list(DEPTHS), kinds=kinds)
     for it in items:
         text, cells, secs = answer(method, it, [tokens[it.item_id]], None, threads, 10)
         rows.append(row_for(method, it, len(tokens[it.item_id]), 10, PROTOCOL, text, cells, secs))
@@ -107,8 +107,15 @@ def kld(ratio: float, configs: list[str], threads: int) -> Path:
 
 def report() -> Path:
     runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
+    # a run of some needle kinds only is its own row (and its full-cache ceiling is the full run of those kinds):
+    # it may come from another machine, whose files (the haystacks' sources) differ a little
+    for run in runs:
+        kinds = run["meta"].get("kinds")
+        for r in run["rows"]:
+            r["method"] += f" [{','.join(kinds)} only]" if kinds else ""
     rows = [r for run in runs for r in run["rows"]]
-    methods = list(dict.fromkeys(r["method"] for r in sorted(rows, key=lambda r: (r["method"] != FULL.name, r["method"]))))
+    methods = list(dict.fromkeys(r["method"] for r in sorted(rows, key=lambda r: (" [" in r["method"],
+                                                                                 not r["method"].startswith(FULL.name), r["method"]))))
     by_band, by_kind = tally(rows, "band"), tally(rows, "needle_kind")
     bands = [b for _, _, b in BANDS]
     kinds = sorted({r["needle_kind"] for r in rows})
@@ -123,8 +130,9 @@ def report() -> Path:
              "(points). Seconds per item ran beside other jobs on 2 shared cores: compare within a row only.", "",
              "| method | all | ± | " + " | ".join(f"depth {b}" for b in bands) + " | " + " | ".join(kinds) + " | s/item |",
              "|---|---:|---:|" + "---:|" * (len(bands) + len(kinds) + 1)]
-    full_correct = {r["item_id"]: r["correct"] for r in rows if r["method"] == FULL.name}
     for m in methods:
+        suffix = m[m.index(" ["):] if " [" in m else ""
+        full_correct = {r["item_id"]: r["correct"] for r in rows if r["method"] == FULL.name + suffix}
         per = by_band.get(m, {})
         k, n = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
         # the ceiling on the items this method answered (a run cut short answered fewer)
@@ -133,7 +141,7 @@ def report() -> Path:
         cells = []
         for b in bands:
             kn, ref = per.get(b), ceiling.get(b)
-            share = f" ({100 * kn[0] / ref[0]:.0f}%)" if kn and ref and ref[0] and m != FULL.name else ""
+            share = f" ({100 * kn[0] / ref[0]:.0f}%)" if kn and ref and ref[0] and not m.startswith(FULL.name) else ""
             cells.append((f"{kn[0]}/{kn[1]}" if kn else "-") + share)
         kinds_cells = [f"{by_kind[m][x][0]}/{by_kind[m][x][1]}" if x in by_kind.get(m, {}) else "-" for x in kinds]
         lines.append(f"| {m} | {k}/{n} | {wilson(k, n):.0f} | " + " | ".join(cells) + " | " + " | ".join(kinds_cells)
