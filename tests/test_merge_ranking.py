@@ -23,7 +23,7 @@ def varied_text(n_sentences: int) -> str:
                     f"steps from the {rng.choice(WORDS)}." for _ in range(n_sentences))
 
 
-def compress(model_path: Path, **weights: float) -> tuple[dict, list[list[float]], np.ndarray]:
+def compress(model_path: Path, **weights: object) -> tuple[dict, list[list[float]], np.ndarray]:
     with Llama(str(model_path), n_ctx=2048, n_threads=2, verbose=False, kv_cluster=True, kv_cluster_ratio=0.25,
                **weights) as llm:
         tokens = llm.tokenize(varied_text(60))[:1200]
@@ -47,6 +47,8 @@ def default_run(model_path: Path) -> tuple[dict, list[list[float]], np.ndarray]:
 
 @pytest.mark.parametrize("weights", [{"kv_cluster_distinct_weight": 2.0}, {"kv_cluster_size_weight": 1.0},
                                      {"kv_cluster_value_weight": 1.0},
+                                     # V not transposed, and quantized: the value distance reads it another way
+                                     {"kv_cluster_value_weight": 1.0, "flash_attn": True, "type_v": "q8_0"},
                                      {"kv_cluster_distinct_weight": 1.0, "kv_cluster_size_weight": 0.5}])
 def test_weighted_ranking_merges_other_cells_to_the_same_budget(model_path: Path, default_run, weights) -> None:
     base_stats, base_sizes, _ = default_run
