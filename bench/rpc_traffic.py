@@ -124,9 +124,9 @@ def measure(method: str, relays: list[CountingRelay], args: argparse.Namespace) 
             compression = {"cells_removed": removed, "passes": after["passes"] - stats_before["passes"]}
         memory = [{"name": m.name, "model_mib": m.model_bytes / MIB, "kv_mib": m.kv_bytes / MIB,
                    "compute_mib": m.compute_bytes / MIB} for m in llm.buffer_memory()]
+        kv = llm.kv_stats()
         return {"method": method, "phases": phases, "compression": compression, "memory": memory,
-                "kv_stats": {"cells": llm.kv_stats().n_cells, "cells_used": llm.kv_stats().n_cells_used},
-                "n_layers": llm.kv_stats().n_layers}
+                "kv_stats": {"cells": kv.n_cells, "cells_used": kv.n_cells_used}, "n_layers": kv.n_layers}
 
 
 def _argmax(llm: Llama) -> int:
