@@ -33,7 +33,7 @@ from methods import Chelsea
 from quality_kld import method_logprobs, score
 from retrieval import answer, row_for, tally, wilson
 
-SHORT = {"distinct": "distinct_weight", "size": "size_weight", "value": "value_weight"}
+SHORT = {"distinct": "distinct_weight", "size": "size_weight", "value": "value_weight", "attn": "attn_weight"}
 OUT = RESULTS / "scoring_ablation"
 LENGTHS = (1024, 1536, 2048)
 DEPTHS = (0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)

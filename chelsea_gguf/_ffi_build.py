@@ -252,6 +252,8 @@ struct chelsea_kv_cluster_params {
     float    distinct_weight;
     float    size_weight;
     float    value_weight;
+    float    attn_weight;
+    int32_t  attn_window;
 };
 struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);
 int32_t chelsea_kv_cluster_params_check(const struct chelsea_kv_cluster_params * params, char * err, size_t err_len);

@@ -72,6 +72,11 @@ class ClusterOptions:
                                  "of its A cell; 0: off", "--kv-size-weight")
     value_weight: float = _option("value_weight", "keep values apart: lowers a pair's score by this times "
                                   "(1 - cos(value of A, value of B))/2; 0: off", "--kv-value-weight")
+    attn_weight: float = _option("attn_weight", "keep what the prompt asks for: lowers a pair's score by this times "
+                                 "tanh(a/4) of its more attended cell, a = the attention the prompt's last queries "
+                                 "pay it in uniform shares; 0: off", "--kv-attn-weight")
+    attn_window: int = _option("attn_window", "the last queries of each prompt chunk that attn_weight reads",
+                               "--kv-attn-window")
 
     def validated(self, label: Callable[["OptionSpec"], str] | None = None) -> "ClusterOptions":
         """Self if every option is valid, else ValueError naming the option as `label` calls it (default: its

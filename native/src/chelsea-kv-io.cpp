@@ -147,5 +147,7 @@ bool llama_kv_cache::chelsea_state_read(llama_io_read_i & io, uint32_t strm, uin
         st.seqs[dst] = seq;
     }
     st.update_any_merged();
+    // the prompt queries are not saved: the loaded cells were never asked anything here
+    chelsea_forget_queries(strm);
     return true;
 }

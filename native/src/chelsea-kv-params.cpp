@@ -23,6 +23,10 @@ std::string out_of_range(const char * field, double value, const char * rule) {
 // remaining candidates are too few to be worth another graph
 static constexpr int32_t CHELSEA_MAX_PASSES = 64;
 
+// the most prompt queries kept per sequence for the attention score: a pass multiplies every cell's key by each of
+// them, in every layer
+static constexpr int32_t CHELSEA_MAX_ATTN_WINDOW = 512;
+
 std::string chelsea_params_problem(const chelsea_kv_cluster_params & p) {
     if (!(p.ratio > 0.0f && p.ratio <= 1.0f)) {
         return out_of_range("ratio", p.ratio, "> 0 and <= 1");
@@ -57,6 +61,12 @@ std::string chelsea_params_problem(const chelsea_kv_cluster_params & p) {
     if (!(p.value_weight >= 0.0f && p.value_weight <= 100.0f)) {
         return out_of_range("value_weight", p.value_weight, "in 0 .. 100");
     }
+    if (!(p.attn_weight >= 0.0f && p.attn_weight <= 100.0f)) {
+        return out_of_range("attn_weight", p.attn_weight, "in 0 .. 100");
+    }
+    if (p.attn_window < 1 || p.attn_window > CHELSEA_MAX_ATTN_WINDOW) {
+        return out_of_range("attn_window", p.attn_window, ("in 1 .. " + std::to_string(CHELSEA_MAX_ATTN_WINDOW)).c_str());
+    }
     return "";
 }
 
@@ -81,6 +91,8 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.distinct_weight = 1.0f;
     p.size_weight     = 0.0f;
     p.value_weight    = 0.0f;
+    p.attn_weight     = 0.0f;
+    p.attn_window     = 32;
     return p;
 }
 

@@ -22,6 +22,9 @@
 #include <map>
 #include <vector>
 
+// cells on each side of a cell whose attention share it takes (attention_share)
+static constexpr int CHELSEA_ATTN_POOL = 8;
+
 namespace {
 
 // the random_pairs baseline's stand-in for a ggml_chelsea_match result, laid out as the op's: per head, each A cell
@@ -170,12 +173,45 @@ ggml_tensor * value_distance(ggml_context * ctx, ggml_tensor * v, bool v_trans, 
     return ggml_reshape_2d(ctx, ggml_scale_bias(ctx, dot, -0.5f/(float) head_dim, 0.5f), n_region, n_head);
 }
 
+// max(x of A, x of the B cell A matched) per region cell and KV head, [n_region, n_head]; x_region: [n_region, n_head]
+// (cells along ne0); rows: the matched B cell of each region cell
+ggml_tensor * pair_max(ggml_context * ctx, ggml_tensor * x_region, ggml_tensor * rows) {
+    const int64_t n_region = x_region->ne[0], n_head = x_region->ne[1];
+    ggml_tensor * x_b = ggml_get_rows(ctx, ggml_reshape_3d(ctx, x_region, 1, n_region, n_head), rows);
+    x_b = ggml_reshape_2d(ctx, x_b, n_region, n_head);
+    return ggml_add(ctx, x_region, ggml_relu(ctx, ggml_sub(ctx, x_b, x_region)));
+}
+
+// the attention the sequence's last prompt queries pay each region cell, summed over the queries and the Q heads of a
+// KV head, as a multiple of a uniform share of the region's: [n_region, n_head_kv]. k: [n_embd_k, n] (cells along
+// ne1); q: [head_dim*n_head, rows] f32, post-RoPE as K; scale: the KQ scale attention used
+ggml_tensor * attention_share(ggml_context * ctx, ggml_tensor * k, ggml_tensor * q, float scale, int64_t n_head_kv,
+        const chelsea_pass & pass) {
+    const int64_t head_dim = k->ne[0]/n_head_kv, n_head = q->ne[0]/head_dim, rows = q->ne[1];
+    ggml_tensor * k3 = ggml_view_3d(ctx, k, head_dim, n_head_kv, pass.n, ggml_row_size(k->type, head_dim), k->nb[1], 0);
+    k3 = ggml_permute(ctx, k3, 0, 2, 1, 3);                                                // [head_dim, n, n_head_kv]
+    ggml_tensor * q3 = ggml_permute(ctx, ggml_reshape_3d(ctx, q, head_dim, n_head, rows), 0, 2, 1, 3);
+    // Q head h reads KV head h/(n_head/n_head_kv), as attention does: mul_mat broadcasts k3 over q3's heads so
+    ggml_tensor * kq = ggml_soft_max_ext(ctx, ggml_mul_mat(ctx, k3, q3), nullptr, scale, 0.0f); // [n, rows, n_head]
+    kq = ggml_reshape_4d(ctx, kq, pass.n, rows, n_head/n_head_kv, n_head_kv);
+    ggml_tensor * shape = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, pass.n, 1, 1, n_head_kv);
+    ggml_tensor * paid = ggml_reshape_2d(ctx, ggml_repeat_back(ctx, kq, shape), pass.n, n_head_kv);
+    ggml_tensor * region = ggml_cont(ctx, ggml_view_2d(ctx, paid, pass.n_region, n_head_kv, paid->nb[1], pass.c0*paid->nb[0]));
+    ggml_tensor * mean = ggml_scale_bias(ctx, ggml_sum_rows(ctx, region), 1.0f/(float) pass.n_region, 1e-20f);
+    // a question's queries find the words that lead to an answer ("the number is"), and the answer follows them:
+    // each cell takes the largest share of the cells within CHELSEA_ATTN_POOL of it, as SnapKV pools its scores
+    ggml_tensor * pooled = ggml_pool_1d(ctx, region, GGML_OP_POOL_MAX, 2*CHELSEA_ATTN_POOL + 1, 1, CHELSEA_ATTN_POOL);
+    return ggml_div(ctx, pooled, mean);
+}
+
 // the match result with each candidate's score lowered by distinct_weight * max(distinctiveness of A, of its B),
-// size_weight * tanh(log size of A) and value_weight * the pair's value distance, then divided by 1 + the weights:
+// size_weight * tanh(log size of A), value_weight * the pair's value distance and attn_weight * max(tanh(a/4) of A,
+// of its B) for the attention share a that q (the last prompt queries, if any) pay, then divided by 1 + the weights:
 // the same order of merges as those penalties give, with scores kept in [-1, 1] so that the no-candidate and
 // non-finite marks below stay apart
 ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, ggml_tensor * v, bool v_trans,
-        ggml_tensor * log_sizes, const chelsea_kv_cluster_params & p, const chelsea_pass & pass) {
+        ggml_tensor * log_sizes, ggml_tensor * q, float q_scale, const chelsea_kv_cluster_params & p,
+        const chelsea_pass & pass) {
     const int64_t n_region = m->ne[0], n_head = m->ne[1];
     ggml_tensor * score = ggml_view_2d(ctx, m, n_region, n_head, m->nb[1], 0);
     ggml_tensor * index = ggml_view_2d(ctx, m, n_region, n_head, m->nb[1], m->nb[2]);
@@ -185,10 +221,7 @@ ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, 
     if (p.distinct_weight > 0.0f) {
         ggml_tensor * d = key_distinctiveness(ctx, k, n_head, pass.n);
         ggml_tensor * d_a = ggml_cont(ctx, ggml_view_2d(ctx, d, n_region, n_head, d->nb[1], pass.c0*d->nb[0]));
-        ggml_tensor * d_b = ggml_get_rows(ctx, ggml_reshape_3d(ctx, d_a, 1, n_region, n_head), rows);
-        d_b = ggml_reshape_2d(ctx, d_b, n_region, n_head);
-        ggml_tensor * worse = ggml_add(ctx, d_a, ggml_relu(ctx, ggml_sub(ctx, d_b, d_a)));
-        penalty = ggml_scale(ctx, worse, p.distinct_weight);
+        penalty = ggml_scale(ctx, pair_max(ctx, d_a, rows), p.distinct_weight);
     }
     if (p.size_weight > 0.0f) {
         ggml_tensor * ls = ggml_cont(ctx, ggml_view_2d(ctx, log_sizes, n_region, n_head, log_sizes->nb[1], pass.c0*log_sizes->nb[0]));
@@ -199,12 +232,19 @@ ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, 
         ggml_tensor * apart = ggml_scale(ctx, value_distance(ctx, v, v_trans, rows, n_head, pass), p.value_weight);
         penalty = penalty ? ggml_add(ctx, penalty, apart) : apart;
     }
+    if (p.attn_weight > 0.0f && q != nullptr) {
+        // a needle the question asks for draws tens of uniform shares in the heads that read it: tanh(a/4) saturates
+        // there, while the text around it (about one share) stays near 0.25
+        ggml_tensor * a = ggml_tanh(ctx, ggml_scale(ctx, attention_share(ctx, k, q, q_scale, n_head, pass), 0.25f));
+        ggml_tensor * asked = ggml_scale(ctx, pair_max(ctx, a, rows), p.attn_weight);
+        penalty = penalty ? ggml_add(ctx, penalty, asked) : asked;
+    }
     if (penalty == nullptr) {
         return m;
     }
     // 1 for candidates (scores in [-1, 1]), 0 for the marks GGML_CHELSEA_NO_SCORE and GGML_CHELSEA_NONFINITE
     ggml_tensor * candidate = ggml_step(ctx, ggml_scale_bias(ctx, score, 1.0f, 1.5f));
-    const float norm = 1.0f/(1.0f + p.distinct_weight + p.size_weight + p.value_weight);
+    const float norm = 1.0f/(1.0f + p.distinct_weight + p.size_weight + p.value_weight + (q ? p.attn_weight : 0.0f));
     ggml_tensor * weighed = ggml_scale(ctx, ggml_sub(ctx, score, penalty), norm);
     // marks stay as they were: candidate*weighed + (1 - candidate)*score
     weighed = ggml_add(ctx, score, ggml_mul(ctx, candidate, ggml_sub(ctx, weighed, score)));
@@ -246,8 +286,14 @@ ggml_tensor * build_layer_pass(ggml_context * ctx, ggml_cgraph * gf, pass_span &
                 0.5f*(GGML_CHELSEA_NO_SCORE + GGML_CHELSEA_NONFINITE))));
     }
     ggml_tensor * sizes = span.cols(s, n_head_kv, pass.n);
-    if (!p.random_pairs && (p.distinct_weight > 0.0f || p.size_weight > 0.0f || p.value_weight > 0.0f)) {
-        m = weigh_match(ctx, m, k, vv, v_trans, span.cols(st.log_sizes[ikv], n_head_kv, pass.n), p, pass);
+    ggml_tensor * q = nullptr;
+    if (pass.q_rows > 0) {
+        ggml_tensor * w = st.queries[ikv];
+        q = ggml_view_2d(ctx, w, w->ne[0], pass.q_rows, w->nb[1], pass.strm*w->nb[2] + (w->ne[1] - pass.q_rows)*w->nb[1]);
+    }
+    if (!p.random_pairs && (p.distinct_weight > 0.0f || p.size_weight > 0.0f || p.value_weight > 0.0f || q)) {
+        m = weigh_match(ctx, m, k, vv, v_trans, span.cols(st.log_sizes[ikv], n_head_kv, pass.n), q,
+                st.queries_scale.empty() ? 1.0f : st.queries_scale[ikv], p, pass);
     }
     ggml_tensor * plan = ggml_chelsea_plan(ctx, m, sizes, c0, n_remove);
 
@@ -442,12 +488,17 @@ bool llama_kv_cache::chelsea_compress_seq(llama_context * lctx, llama_seq_id seq
     const uint32_t target = std::max(chelsea_target_cells(p, n0 + seq.n_merged), seq.keep);
     seq.keep = 0;
     const uint32_t c0 = std::max((uint32_t) p.n_sink, n_shared);
+    // the sequence's last prompt queries, if the window holds its own
+    uint32_t q_rows = 0;
+    if (p.attn_weight > 0.0f && !st.queries.empty() && st.query_windows[strm].seq == seq_id) {
+        q_rows = st.query_windows[strm].rows;
+    }
     int32_t passes = 0;
     for (uint32_t n = n0; n > target && passes < p.max_passes && n >= c0 + (uint32_t) p.n_recent + 2; n = (uint32_t) idx.size()) {
         const uint32_t n_region = n - c0 - p.n_recent;
         const uint32_t n_cand   = n_region / 2;
         const chelsea_pass pass = { strm, packed ? std::vector<uint32_t>() : idx, n, c0, n_region,
-                                    std::min(std::max(1u, (uint32_t) (n_cand*p.pass_fraction)), n - target) };
+                                    std::min(std::max(1u, (uint32_t) (n_cand*p.pass_fraction)), n - target), q_rows };
         const int64_t nonfinite = chelsea_run_pass(lctx, pass);
         if (nonfinite < 0) {
             LLAMA_LOG_ERROR("%s: seq %d: compression pass failed\n", __func__, seq_id);

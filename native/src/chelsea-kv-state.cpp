@@ -119,7 +119,7 @@ bool llama_kv_cache::chelsea_enable(const chelsea_kv_cluster_params & params, st
     if (chelsea) {
         chelsea->params = params;
         chelsea->rng.seed(params.seed);
-        return true;
+        return chelsea_alloc_queries(err);
     }
 
     auto st = std::make_shared<chelsea_kv_state>();
@@ -172,7 +172,7 @@ bool llama_kv_cache::chelsea_enable(const chelsea_kv_cluster_params & params, st
     }
     chelsea = std::move(st);
     chelsea_clear();
-    return true;
+    return chelsea_alloc_queries(err);
 }
 
 void llama_kv_cache::chelsea_clear() {
@@ -183,4 +183,7 @@ void llama_kv_cache::chelsea_clear() {
     }
     st.any_merged = false;
     st.rng.seed(st.params.seed);
+    for (uint32_t s = 0; s < (uint32_t) st.query_windows.size(); ++s) {
+        chelsea_forget_queries(s);
+    }
 }

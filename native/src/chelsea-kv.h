@@ -5,6 +5,7 @@
 //   chelsea-kv-sizes.cpp   the cluster-size tensors beside K/V, and what resets them
 //   chelsea-kv-hooks.cpp   llama_kv_cache hooks: enable, clear, seq_rm/cp/keep/add/div, the attention bias
 //   chelsea-kv-pass.cpp    compression: when it is due, the passes over a sequence, each pass's graph
+//   chelsea-kv-queries.cpp the last prompt queries a pass's attention score reads (params.attn_weight)
 //   chelsea-kv-io.cpp      state save/load of cluster sizes and merge bookkeeping
 //   chelsea-kv-api.cpp     the C API of chelsea.h for clustering
 #pragma once
@@ -18,6 +19,8 @@
 #include <string>
 #include <utility>
 #include <vector>
+
+struct llama_ubatch;
 
 struct chelsea_seq_state {
     int64_t   n_merged       = 0;  // cells removed by merging: tokens represented = cells + n_merged
@@ -41,6 +44,14 @@ struct chelsea_seq_state {
     }
 };
 
+// the last queries of a stream's prompt chunks that the tensors of chelsea_kv_state::queries hold: the newest `rows`
+// rows, at the end, all from sequence seq
+struct chelsea_query_window {
+    llama_seq_id seq     = -1;
+    uint32_t     rows    = 0;
+    llama_pos    pos_max = -1; // of the newest; a chunk at or below it (a rewind) starts the window again
+};
+
 struct chelsea_kv_state {
     chelsea_kv_cluster_params params;
 
@@ -54,6 +65,12 @@ struct chelsea_kv_state {
     ggml_tensor * log_sizes_all = nullptr;
     std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> ctxs_bufs;
 
+    // params.attn_weight: per cache layer, the last params.attn_window queries of each stream's prompt chunks, f32
+    // [n_embd_head_k*n_head, attn_window, n_stream] beside the layer's K, newest last (empty while attn_weight is 0)
+    std::vector<ggml_tensor *> queries;
+    std::vector<float> queries_scale;                 // per cache layer: the KQ scale attention used them with
+    std::vector<chelsea_query_window> query_windows;  // per stream
+
     std::vector<chelsea_seq_state> seqs; // LLAMA_MAX_SEQ entries
 
     bool any_merged = false; // some cell holds a centroid: attention needs the log-size bias
@@ -63,6 +80,9 @@ struct chelsea_kv_state {
     bool bias_in_graph() const { return params.log_bias && (any_merged || reserving); }
 
     std::mt19937 rng; // params.random_pairs: the pairs' draws, from params.seed at clear()
+
+    // a prompt chunk's queries go into `queries`: one sequence's chunk of more than one token, attn_weight on
+    bool keeps_queries(const llama_ubatch & ubatch) const;
 
     size_t sizes_bytes() const;
 
@@ -84,6 +104,7 @@ struct chelsea_pass {
     uint32_t c0;       // first cell of the mergeable region (after the sinks and shared cells)
     uint32_t n_region; // cells of the mergeable region
     uint32_t n_remove; // cells the pass removes
+    uint32_t q_rows;   // the sequence's last prompt queries the attention score reads (0: none)
 };
 
 // "" if params follow the rules, else a message that starts with the offending field's name ("chunk: ...")

@@ -1,0 +1,107 @@
+// chelsea-gguf: the last queries of a sequence's prompt chunks, kept per cache layer beside K for the attention score
+// of a compression pass (params.attn_weight). A prompt's last chunk usually ends with what the user asks, and the
+// compression to budget at the first generated token runs before any of it is answered: the attention those queries
+// pay a cell says whether the answer needs it. The attention graph of a chunk copies its last queries into the
+// window (chelsea_keep_queries); apply() of the same ubatch counts them (chelsea_note_ubatch), so that a reused graph
+// and a rebuilt one keep the same books.
+
+#include "chelsea-kv.h"
+
+#include "llama-batch.h"
+#include "llama-impl.h"
+#include "llama-kv-cache.h"
+
+#include <algorithm>
+#include <map>
+
+bool chelsea_kv_state::keeps_queries(const llama_ubatch & ubatch) const {
+    // a generated token is not a question: the window keeps the prompt's, for the compressions while generating
+    return !queries.empty() && params.attn_weight > 0.0f && ubatch.n_tokens > 1 && ubatch.n_seqs_unq == 1;
+}
+
+bool llama_kv_cache::chelsea_alloc_queries(std::string & err) {
+    auto & st = *chelsea;
+    if (!st.queries.empty() || st.params.attn_weight <= 0.0f) {
+        return true;
+    }
+    std::map<ggml_backend_buffer_type_t, ggml_context_ptr> ctx_map;
+    std::vector<ggml_tensor *> queries;
+    for (const auto & layer : layers) {
+        ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
+        auto it = ctx_map.find(buft);
+        if (it == ctx_map.end()) {
+            ggml_init_params ip = { size_t(layers.size() + 1)*ggml_tensor_overhead(), nullptr, true };
+            it = ctx_map.emplace(buft, ggml_context_ptr(ggml_init(ip))).first;
+        }
+        const int64_t n_embd_q = (int64_t) hparams.n_embd_head_k(layer.il)*hparams.n_head(layer.il);
+        ggml_tensor * q = ggml_new_tensor_3d(it->second.get(), GGML_TYPE_F32, n_embd_q, st.params.attn_window, n_stream);
+        ggml_format_name(q, "chelsea_queries_l%d", layer.il);
+        queries.push_back(q);
+    }
+    for (auto & [buft, ctx] : ctx_map) {
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
+        if (!buf) {
+            err = "failed to allocate the buffer of the last prompt queries (attn_weight)";
+            return false;
+        }
+        ggml_backend_buffer_clear(buf, 0);
+        LLAMA_LOG_INFO("%s: %10s prompt-query buffer size = %8.2f MiB\n", __func__, ggml_backend_buffer_name(buf),
+                ggml_backend_buffer_get_size(buf)/1024.0/1024.0);
+        st.ctxs_bufs.emplace_back(std::move(ctx), buf);
+    }
+    st.queries = std::move(queries);
+    st.queries_scale.assign(layers.size(), 1.0f);
+    st.query_windows.assign(n_stream, chelsea_query_window());
+    return true;
+}
+
+void llama_kv_cache::chelsea_note_ubatch(const llama_ubatch & ubatch) {
+    auto & st = *chelsea;
+    if (!st.keeps_queries(ubatch)) {
+        return;
+    }
+    const llama_seq_id seq_id = ubatch.seq_id_unq[0];
+    auto & w = st.query_windows[seq_to_stream[seq_id]];
+    if (w.seq != seq_id || ubatch.pos[0] <= w.pos_max) {
+        w = chelsea_query_window();
+        w.seq = seq_id;
+    }
+    w.rows    = std::min<uint32_t>((uint32_t) st.params.attn_window, w.rows + ubatch.n_tokens);
+    w.pos_max = ubatch.pos[ubatch.n_tokens - 1];
+}
+
+void llama_kv_cache::chelsea_forget_queries(uint32_t strm) {
+    auto & st = *chelsea;
+    if (strm < st.query_windows.size()) {
+        st.query_windows[strm] = chelsea_query_window();
+    }
+}
+
+ggml_tensor * llama_kv_cache::chelsea_keep_queries(ggml_context * ctx, ggml_tensor * q, float kq_scale, int32_t il,
+        const llama_ubatch & ubatch) const {
+    auto & st = *chelsea; // the KQ scale is only known here
+    if (!st.keeps_queries(ubatch)) {
+        return nullptr;
+    }
+    const int32_t ikv = map_layer_ids.at(il);
+    ggml_tensor * window = st.queries[ikv];
+    const int64_t n_embd_q = q->ne[0]*q->ne[1], n_tokens = q->ne[2];
+    if (n_embd_q != window->ne[0]) {
+        return nullptr;
+    }
+    st.queries_scale[ikv] = kq_scale;
+
+    const int64_t n_window = window->ne[1];
+    const int64_t n_new    = std::min(n_window, n_tokens);
+    const uint32_t strm    = seq_to_stream[ubatch.seq_id_unq[0]];
+    ggml_tensor * q_new = ggml_view_3d(ctx, q, q->ne[0], q->ne[1], n_new, q->nb[1], q->nb[2], (n_tokens - n_new)*q->nb[2]);
+    q_new = q_new->type == GGML_TYPE_F32 ? ggml_cont(ctx, q_new) : ggml_cast(ctx, q_new, GGML_TYPE_F32);
+    q_new = ggml_reshape_2d(ctx, q_new, n_embd_q, n_new);
+    if (n_new < n_window) {
+        // the older queries move up by n_new rows; the concat is a copy, read before the window is written
+        ggml_tensor * older = ggml_view_2d(ctx, window, n_embd_q, n_window - n_new, window->nb[1],
+                strm*window->nb[2] + n_new*window->nb[1]);
+        q_new = ggml_concat(ctx, older, q_new, 1);
+    }
+    return ggml_cpy(ctx, q_new, ggml_view_2d(ctx, window, n_embd_q, n_window, window->nb[1], strm*window->nb[2]));
+}
