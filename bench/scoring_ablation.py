@@ -2,12 +2,17 @@
 
     python3 bench/scoring_ablation.py --ratio 0.2 --config "distinct=1"          # one configuration, one process
     python3 bench/scoring_ablation.py --ratio 0.2 --config "distinct=1,size=0.5"
+    python3 bench/scoring_ablation.py --ratio 0.2 --config "attn=1" --ctx 16384  # all items in one 16k context
     python3 bench/scoring_ablation.py --kld "default;distinct=1"                 # KLD of each against the full cache
     python3 bench/scoring_ablation.py --report                                  # the table of every recorded run
 
 A configuration sets ClusterOptions fields by short names (``distinct`` = ``kv_cluster_distinct_weight``,
-``size`` = ``kv_cluster_size_weight``, ``value`` = ``kv_cluster_value_weight``, or any field name); ``default`` is today's defaults. Each run answers the
-same needle items (no chat items: they do not depend on the ranking more than the needle items do) and writes
+``size`` = ``kv_cluster_size_weight``, ``value`` = ``kv_cluster_value_weight``, ``attn`` = ``kv_cluster_attn_weight``,
+or any field name); ``default`` is today's defaults. Each run answers the
+same needle items (no chat items: they do not depend on the ranking more than the needle items do), each in a
+context sized to its prompt (the prompt fills it, so merging starts before the question is read) or, with ``--ctx``,
+in one context of that logical size (as ``chelsea-run --ctx 16k``: a prompt that fits its cells is merged only once
+the question is in), and writes
 ``results/scoring_ablation/<R>_<config>.json``; ``--report`` writes ``results/scoring_ablation.md`` with retrieval
 per depth band and needle kind, the full cache's rows (from ``--full``) as the ceiling. ``--kld`` scores the
 configurations as bench/quality_kld.py does (3072 tokens of pydoc_data.topics, the last 1536 scored) into
@@ -17,6 +22,7 @@ configurations as bench/quality_kld.py does (3072 tokens of pydoc_data.topics, t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -25,11 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from chelsea_gguf import Llama
 from chelsea_gguf.cluster import KEYWORD_FIELDS
 
 from common import FULL, RESULTS, document_tokens, provenance, write_json
 from haystacks import BANDS, build_items
-from methods import Chelsea
+from methods import Chelsea, Method
 from quality_kld import method_logprobs, score
 from retrieval import answer, row_for, tally, wilson
 
@@ -55,7 +62,10 @@ def parse_config(text: str) -> dict[str, Any]:
     return out
 
 
-def run(ratio: float, config: str, threads: int, full: bool, kinds: list[str] | None = None) -> Path:
+def run(ratio: float, config: str, threads: int, full: bool, kinds: list[str] | None = None,
+        n_ctx: int | None = None) -> Path:
+    """Answers every item; with n_ctx, in one context of that logical size (a user's ``--ctx``), opened once,
+    instead of one sized to each prompt."""
     method = FULL if full else chelsea_with(ratio, config)
     with FULL.open(64, None, 1) as tok_llm:
         # the whole set first, then the kinds asked for: the same items (and lengths) as in a run of all of them
@@ -67,15 +77,32 @@ def run(ratio: float, config: str, threads: int, full: bool, kinds: list[str] | 
     name = "full" if full else f"{ratio:g}_{config.replace('=', '').replace(',', '_')}"
     if kinds is not None:
         name += "_" + "_".join(kinds)
+    if n_ctx is not None:
+        name += f"_ctx{n_ctx}"
     meta = provenance("python3 bench/scoring_ablation.py" + " ".join([""] + sys.argv[1:]), ratio=ratio,
-                      config=config, threads=threads, lengths=list(LENGTHS), depths=list(DEPTHS), kinds=kinds)
-    for it in items:
-        text, cells, secs = answer(method, it, [tokens[it.item_id]], None, threads, 10)
-        rows.append(row_for(method, it, len(tokens[it.item_id]), 10, PROTOCOL, text, cells, secs))
-        print(json.dumps(rows[-1]), flush=True)
-        meta["wall_s"] = round(time.time() - t0, 1)
-        write_json(name, {"meta": meta, "rows": rows}, OUT)
+                      config=config, threads=threads, lengths=list(LENGTHS), depths=list(DEPTHS), kinds=kinds,
+                      n_ctx=n_ctx)
+    with contextlib.ExitStack() as stack:
+        llm = stack.enter_context(method.open(n_ctx, None, threads)) if n_ctx is not None else None
+        for it in items:
+            if llm is None:
+                text, cells, secs = answer(method, it, [tokens[it.item_id]], None, threads, 10)
+            else:
+                text, cells, secs = answer_in(method, llm, n_ctx, tokens[it.item_id], 10)
+            rows.append(row_for(method, it, len(tokens[it.item_id]), 10, PROTOCOL, text, cells, secs))
+            print(json.dumps(rows[-1]), flush=True)
+            meta["wall_s"] = round(time.time() - t0, 1)
+            write_json(name, {"meta": meta, "rows": rows}, OUT)
     return OUT / f"{name}.json"
+
+
+def answer_in(method: Method, llm: Llama, n_ctx: int, tokens: list[int], n_gen: int) -> tuple[str, int, float]:
+    """Greedy answer in an open context (cleared first), cells held after it, seconds."""
+    t0 = time.perf_counter()
+    with method.session(llm, n_ctx) as s:
+        out = s.greedy(tokens, n_gen)
+        cells = s.cells_used()
+    return llm.detokenize(out).decode("utf-8", errors="replace"), cells, time.perf_counter() - t0
 
 
 def chelsea_with(ratio: float, config: str) -> Chelsea:
@@ -109,10 +136,14 @@ def report() -> Path:
     runs = [json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))]
     # a run of some needle kinds only is its own row (and its full-cache ceiling is the full run of those kinds):
     # it may come from another machine, whose files (the haystacks' sources) differ a little
+    # a run in a context of a fixed logical size (--ctx) says so; its ceiling is the full cache's run of the same
+    # kinds, whose answers do not depend on the context's size
     for run in runs:
-        kinds = run["meta"].get("kinds")
+        kinds, n_ctx = run["meta"].get("kinds"), run["meta"].get("n_ctx")
         for r in run["rows"]:
             r["method"] += f" [{','.join(kinds)} only]" if kinds else ""
+            r["ceiling"] = FULL.name + (f" [{','.join(kinds)} only]" if kinds else "")
+            r["method"] += f" [n_ctx {n_ctx}]" if n_ctx else ""
     rows = [r for run in runs for r in run["rows"]]
     methods = list(dict.fromkeys(r["method"] for r in sorted(rows, key=lambda r: (" [" in r["method"],
                                                                                  not r["method"].startswith(FULL.name), r["method"]))))
@@ -131,8 +162,8 @@ def report() -> Path:
              "| method | all | ± | " + " | ".join(f"depth {b}" for b in bands) + " | " + " | ".join(kinds) + " | s/item |",
              "|---|---:|---:|" + "---:|" * (len(bands) + len(kinds) + 1)]
     for m in methods:
-        suffix = m[m.index(" ["):] if " [" in m else ""
-        full_correct = {r["item_id"]: r["correct"] for r in rows if r["method"] == FULL.name + suffix}
+        ceiling_name = next(r["ceiling"] for r in rows if r["method"] == m)
+        full_correct = {r["item_id"]: r["correct"] for r in rows if r["method"] == ceiling_name}
         per = by_band.get(m, {})
         k, n = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
         # the ceiling on the items this method answered (a run cut short answered fewer)
@@ -165,6 +196,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only write the table of the recorded runs")
     ap.add_argument("--kld", help="semicolon-separated configurations to score by KLD instead")
+    ap.add_argument("--ctx", type=int, help="answer every item in one context of this logical size (a user's --ctx, "
+                                            "e.g. 16384) instead of one sized to each prompt")
     ap.add_argument("--kinds", help="only these needle kinds, comma-separated (e.g. number): a first look; the run "
                                     "is recorded under its own name")
     args = ap.parse_args()
@@ -172,7 +205,7 @@ def main() -> int:
         print(kld(args.ratio, args.kld.split(";"), args.threads))
     elif not args.report:
         kinds = None if args.kinds is None else [k.strip() for k in args.kinds.split(",") if k.strip()]
-        print(run(args.ratio, args.config, args.threads, args.full, kinds))
+        print(run(args.ratio, args.config, args.threads, args.full, kinds, args.ctx))
     print(report().read_text())
     return 0
 

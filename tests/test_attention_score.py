@@ -1,0 +1,106 @@
+"""The attention score (kv_cluster_attn_weight): the last queries of a prompt, kept per layer beside K, keep the
+cells they attend (and their neighbours) from merging, on the real default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from chelsea_gguf import Llama
+from chelsea_gguf._lib import ffi, lib
+from chelsea_gguf.cluster import ClusterOptions, cluster_sizes
+from chelsea_gguf.kv import read_kv_stats
+
+from test_merge_ranking import varied_text
+
+QUESTION = " Question: how many steps from the lantern was the copper? Answer:"
+ATTN = {"kv_cluster_attn_weight": 1.0}
+
+
+def open_llm(model_path: Path, **options: Any) -> Llama:
+    # room for the whole prompt: nothing merges before the question is in, as in a 16k context with a 2k prompt
+    return Llama(str(model_path), n_ctx=4096, n_threads=2, verbose=False, kv_cluster=True, kv_cluster_ratio=0.25,
+                 **options)
+
+
+def prompt_tokens(llm: Llama) -> list[int]:
+    return llm.tokenize(varied_text(60))[:1100] + llm.tokenize(QUESTION, add_bos=False)
+
+
+def compressed(llm: Llama) -> tuple[dict, list[list[float]], np.ndarray]:
+    assert lib.chelsea_kv_cluster_compress(llm.ctx, 0) > 0
+    stats = llm.kv_cluster_stats()
+    sizes = cluster_sizes(llm.ctx, 0, stats["cells"])
+    llm.eval(llm.tokenize(" 4", add_bos=False))
+    logits = np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(llm.ctx, -1), 4 * llm.n_vocab()),
+                           dtype=np.float32).copy()
+    return stats, sizes, logits
+
+
+def run(model_path: Path, **options: Any) -> tuple[dict, list[list[float]], np.ndarray]:
+    with open_llm(model_path, **options) as llm:
+        llm.eval(prompt_tokens(llm))
+        return compressed(llm)
+
+
+@pytest.fixture(scope="module")
+def without_score(model_path: Path) -> tuple[dict, list[list[float]], np.ndarray]:
+    return run(model_path)
+
+
+def test_attention_score_is_off_by_default() -> None:
+    assert ClusterOptions().attn_weight == 0.0 and ClusterOptions().attn_window == 32
+
+
+@pytest.mark.parametrize("options", [ATTN,
+                                     # quantized K: the score multiplies the queries by q8_0 keys
+                                     {**ATTN, "flash_attn": True, "type_k": "q8_0", "type_v": "q8_0"},
+                                     {**ATTN, "kv_cluster_attn_window": 1}])
+def test_attention_score_merges_other_cells_to_the_same_budget(model_path: Path, without_score, options) -> None:
+    base_stats, base_sizes, _ = without_score
+    stats, sizes, logits = run(model_path, **options)
+    assert stats["cells"] == base_stats["cells"] < stats["tokens"] == base_stats["tokens"]
+    for head in sizes:
+        assert sum(head) == pytest.approx(stats["tokens"])   # every token is in exactly one cell
+    assert sizes != base_sizes
+    assert np.isfinite(logits).all()
+
+
+def test_queries_are_kept_beside_the_cache_only_when_asked(model_path: Path) -> None:
+    """With the score on, each layer keeps attn_window f32 queries of every Q head, counted in the KV allocation;
+    off, nothing."""
+    window = 8
+    with open_llm(model_path) as llm:
+        off = read_kv_stats(llm.ctx).buffer_bytes
+    with open_llm(model_path, kv_cluster_attn_weight=1.0, kv_cluster_attn_window=window) as llm:
+        on = read_kv_stats(llm.ctx).buffer_bytes
+        n_layer = int(lib.llama_model_n_layer(llm.model))
+        n_embd = int(lib.llama_model_n_embd(llm.model))   # n_head * head size for this model
+    assert on - off == n_layer * n_embd * window * 4
+
+
+def test_a_loaded_state_has_no_prompt_queries(model_path: Path, without_score) -> None:
+    """A saved state carries no queries (nothing in it was asked here): after a load, the score is left out and the
+    compression is the one without it; in the live cache, it is not."""
+    _, base_sizes, base_logits = without_score
+    with open_llm(model_path, **ATTN) as llm:
+        llm.eval(prompt_tokens(llm))
+        state = llm.save_state()
+        _, live_sizes, _ = compressed(llm)
+        llm.load_state(state)
+        _, loaded_sizes, loaded_logits = compressed(llm)
+    assert live_sizes != base_sizes
+    assert loaded_sizes == base_sizes and np.array_equal(loaded_logits, base_logits)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"kv_cluster_attn_weight": -1.0}, "kv_cluster_attn_weight: -1 is out of range"),
+    ({"kv_cluster_attn_window": 0}, "kv_cluster_attn_window: 0 is out of range (must be in 1 .. 512)"),
+    ({"kv_cluster_attn_window": 513}, "kv_cluster_attn_window: 513 is out of range (must be in 1 .. 512)"),
+])
+def test_bad_attention_options_are_named(model_path: Path, options, message) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Llama(str(model_path), n_ctx=512, verbose=False, kv_cluster=True, **options)
