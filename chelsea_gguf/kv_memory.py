@@ -55,15 +55,18 @@ class KVLayout:
     per_cell_bytes: float   # K and V of every layer
     cluster_per_cell_bytes: float  # the cluster sizes and log sizes clustering keeps beside them
     swa_cells: int          # below this many cells the fixed part shrinks too: the estimate is then an upper bound
+    cluster_fixed_bytes: int = 0  # what clustering adds whatever the cells: the prompt queries of the attention score
 
     def bytes(self, n_cells: int, clustered: bool) -> int:
         per_cell = self.per_cell_bytes + (self.cluster_per_cell_bytes if clustered else 0.0)
-        return self.fixed_bytes + round(per_cell * padded_cells(n_cells))
+        fixed = self.fixed_bytes + (self.cluster_fixed_bytes if clustered else 0)
+        return fixed + round(per_cell * padded_cells(n_cells))
 
     def max_cells(self, budget: int, clustered: bool) -> int:
         """The most cells (a multiple of 256) whose allocation fits `budget` bytes; 0 if none does."""
         per_cell = self.per_cell_bytes + (self.cluster_per_cell_bytes if clustered else 0.0)
-        n = int((budget - self.fixed_bytes) / per_cell) // CELL_PAD * CELL_PAD
+        fixed = self.fixed_bytes + (self.cluster_fixed_bytes if clustered else 0)
+        n = int((budget - fixed) / per_cell) // CELL_PAD * CELL_PAD
         while n > 0 and self.bytes(n, clustered) > budget:
             n -= CELL_PAD
         return max(n, 0)
@@ -98,7 +101,8 @@ def measure_kv_layout(model: Any, cparams: Any) -> KVLayout:
     per_cell = (plain_b - plain_a) / (b - a)
     cluster_per_cell = ((clustered_b - clustered_a) - (plain_b - plain_a)) / (b - a)
     return KVLayout(fixed_bytes=round(plain_a - per_cell * a), per_cell_bytes=per_cell,
-                    cluster_per_cell_bytes=cluster_per_cell, swa_cells=swa_cells)
+                    cluster_per_cell_bytes=cluster_per_cell, swa_cells=swa_cells,
+                    cluster_fixed_bytes=round(clustered_a - plain_a - cluster_per_cell * a))
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ def compress(model_path: Path, **weights: object) -> tuple[dict, list[list[float
         return stats, cluster_sizes(llm.ctx, 0, stats["cells"]), logits
 
 
-UNWEIGHTED = {"kv_cluster_distinct_weight": 0.0, "kv_cluster_size_weight": 0.0, "kv_cluster_value_weight": 0.0}
+UNWEIGHTED = {"kv_cluster_distinct_weight": 0.0, "kv_cluster_size_weight": 0.0, "kv_cluster_value_weight": 0.0,
+              "kv_cluster_attn_weight": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +52,16 @@ def default_run(model_path: Path) -> tuple[dict, list[list[float]], np.ndarray]:
                                      {"kv_cluster_value_weight": 1.0, "flash_attn": True, "type_v": "q8_0"},
                                      {"kv_cluster_distinct_weight": 1.0, "kv_cluster_size_weight": 0.5}])
 def test_weighted_ranking_merges_other_cells_to_the_same_budget(model_path: Path, default_run, weights) -> None:
-    base_stats, base_sizes, _ = default_run
-    stats, sizes, logits = compress(model_path, **weights)
+    assert_other_merges_same_budget(default_run, compress(model_path, **weights))
+
+
+def assert_other_merges_same_budget(base: tuple[dict, list[list[float]], np.ndarray],
+                                    run: tuple[dict, list[list[float]], np.ndarray]) -> None:
+    """run (stats, sizes, logits) merged other cells than base, to the same cell count, every token in one cell."""
+    (base_stats, base_sizes, _), (stats, sizes, logits) = base, run
     assert stats["cells"] == base_stats["cells"] < stats["tokens"] == base_stats["tokens"]
     for head in sizes:
-        assert sum(head) == pytest.approx(stats["tokens"])   # every token is in exactly one cell
+        assert sum(head) == pytest.approx(stats["tokens"])
     assert sizes != base_sizes
     assert np.isfinite(logits).all()
 

@@ -486,11 +486,15 @@ bool llama_kv_cache::chelsea_compress_seq(llama_context * lctx, llama_seq_id seq
     }
 
     const uint32_t target = std::max(chelsea_target_cells(p, n0 + seq.n_merged), seq.keep);
+    // room for a prompt chunk (keep) is made before the chunk is read: the window holds the text before it, which
+    // asks nothing. The queries are read once the prompt is in (the compression to budget at the first generated
+    // token, one asked for, the interval's while generating)
+    const bool prompt_in = seq.keep == 0;
     seq.keep = 0;
     const uint32_t c0 = std::max((uint32_t) p.n_sink, n_shared);
     // the sequence's last prompt queries, if the window holds its own
     uint32_t q_rows = 0;
-    if (p.attn_weight > 0.0f && !st.queries.empty() && st.query_windows[strm].seq == seq_id) {
+    if (prompt_in && p.attn_weight > 0.0f && !st.queries.empty() && st.query_windows[strm].seq == seq_id) {
         q_rows = st.query_windows[strm].rows;
     }
     int32_t passes = 0;
