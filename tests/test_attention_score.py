@@ -52,11 +52,9 @@ def without_score(model_path: Path) -> tuple[dict, list[list[float]], np.ndarray
     return run(model_path, **NO_ATTN)
 
 
-def test_attention_score_is_on_by_default(model_path: Path) -> None:
-    """On by default (what measured best: bench/results/scoring_ablation.md), and the defaults build the same graph
-    as the weight given."""
-    assert ClusterOptions().attn_weight == 1.0 and ClusterOptions().attn_window == 32
-    assert run(model_path)[1] == run(model_path, kv_cluster_attn_weight=1.0, kv_cluster_attn_window=32)[1]
+def test_attention_score_is_opt_in() -> None:
+    """Off by default until a live and a loaded state continue alike with it (see docs/method.md)."""
+    assert ClusterOptions().attn_weight == 0.0 and ClusterOptions().attn_window == 32
 
 
 @pytest.mark.parametrize("options", [ATTN,
