@@ -53,7 +53,7 @@ def without_score(model_path: Path) -> tuple[dict, list[list[float]], np.ndarray
 
 
 def test_attention_score_is_opt_in() -> None:
-    """Off by default until a live and a loaded state continue alike with it (see docs/method.md)."""
+    """Off by default until a saved state carries the prompt queries (see docs/method.md)."""
     assert ClusterOptions().attn_weight == 0.0 and ClusterOptions().attn_window == 32
 
 
