@@ -232,7 +232,7 @@ ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, 
         ggml_tensor * apart = ggml_scale(ctx, value_distance(ctx, v, v_trans, rows, n_head, pass), p.value_weight);
         penalty = penalty ? ggml_add(ctx, penalty, apart) : apart;
     }
-    if (p.attn_weight > 0.0f && q != nullptr) {
+    if (q != nullptr) {
         // a needle the question asks for draws tens of uniform shares in the heads that read it: tanh(a/4) saturates
         // there, while the text around it (about one share) stays near 0.25
         ggml_tensor * a = ggml_tanh(ctx, ggml_scale(ctx, attention_share(ctx, k, q, q_scale, n_head, pass), 0.25f));
@@ -286,14 +286,16 @@ ggml_tensor * build_layer_pass(ggml_context * ctx, ggml_cgraph * gf, pass_span &
                 0.5f*(GGML_CHELSEA_NO_SCORE + GGML_CHELSEA_NONFINITE))));
     }
     ggml_tensor * sizes = span.cols(s, n_head_kv, pass.n);
+    // the window's newest q_rows queries (q_rows > 0 only when the window exists)
     ggml_tensor * q = nullptr;
+    float q_scale = 1.0f;
     if (pass.q_rows > 0) {
         ggml_tensor * w = st.queries[ikv];
         q = ggml_view_2d(ctx, w, w->ne[0], pass.q_rows, w->nb[1], pass.strm*w->nb[2] + (w->ne[1] - pass.q_rows)*w->nb[1]);
+        q_scale = st.queries_scale[ikv];
     }
     if (!p.random_pairs && (p.distinct_weight > 0.0f || p.size_weight > 0.0f || p.value_weight > 0.0f || q)) {
-        m = weigh_match(ctx, m, k, vv, v_trans, span.cols(st.log_sizes[ikv], n_head_kv, pass.n), q,
-                st.queries_scale.empty() ? 1.0f : st.queries_scale[ikv], p, pass);
+        m = weigh_match(ctx, m, k, vv, v_trans, span.cols(st.log_sizes[ikv], n_head_kv, pass.n), q, q_scale, p, pass);
     }
     ggml_tensor * plan = ggml_chelsea_plan(ctx, m, sizes, c0, n_remove);
 
