@@ -52,9 +52,9 @@ def without_score(model_path: Path) -> tuple[dict, list[list[float]], np.ndarray
     return run(model_path, **NO_ATTN)
 
 
-def test_attention_score_is_opt_in() -> None:
-    """Off by default until a saved state carries the prompt queries (see docs/method.md)."""
-    assert ClusterOptions().attn_weight == 0.0 and ClusterOptions().attn_window == 32
+def test_attention_score_is_on_by_default() -> None:
+    """What measured best (bench/results/scoring_ablation.md): weight 1, the last 32 queries."""
+    assert ClusterOptions().attn_weight == 1.0 and ClusterOptions().attn_window == 32
 
 
 @pytest.mark.parametrize("options", [ATTN,
@@ -78,18 +78,35 @@ def test_queries_are_kept_beside_the_cache_only_when_asked(model_path: Path) -> 
     assert on - off == n_layer * n_embd * window * 4
 
 
-def test_a_loaded_state_has_no_prompt_queries(model_path: Path, without_score) -> None:
-    """A saved state carries no queries (nothing in it was asked here): after a load, the score is left out and the
-    compression is the one without it; in the live cache, it is not."""
-    _, base_sizes, base_logits = without_score
+def test_a_loaded_state_compresses_as_the_live_one(model_path: Path, without_score) -> None:
+    """A saved state carries the prompt's last queries: after a load, the compression is the live one's, merges and
+    logits; loaded where the score is off, the queries are skipped and it compresses as without the score."""
     with open_llm(model_path, **ATTN) as llm:
         llm.eval(prompt_tokens(llm))
         state = llm.save_state()
-        _, live_sizes, _ = compressed(llm)
+        _, live_sizes, live_logits = compressed(llm)
         llm.load_state(state)
         _, loaded_sizes, loaded_logits = compressed(llm)
-    assert live_sizes != base_sizes
-    assert loaded_sizes == base_sizes and np.array_equal(loaded_logits, base_logits)
+    assert live_sizes != without_score[1]
+    assert loaded_sizes == live_sizes and np.array_equal(loaded_logits, live_logits)
+    with open_llm(model_path, **NO_ATTN) as llm:
+        llm.load_state(state)
+        _, sizes, logits = compressed(llm)
+    assert sizes == without_score[1] and np.array_equal(logits, without_score[2])
+
+
+def test_a_narrower_window_loads_the_newest_queries(model_path: Path) -> None:
+    """Loaded where attn_window is smaller, a state keeps its newest queries: the compression of a live cache with
+    that window."""
+    narrow = {**ATTN, "kv_cluster_attn_window": 4}
+    with open_llm(model_path, **ATTN) as llm:
+        llm.eval(prompt_tokens(llm))
+        state = llm.save_state()
+    with open_llm(model_path, **narrow) as llm:
+        llm.load_state(state)
+        _, loaded_sizes, loaded_logits = compressed(llm)
+    _, live_sizes, live_logits = run(model_path, **narrow)
+    assert loaded_sizes == live_sizes and np.array_equal(loaded_logits, live_logits)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -234,8 +234,10 @@ def test_flash_attention_keeps_the_bias_exact(model_path: Path) -> None:
         for bias in (False, True):
             with Llama(str(model_path), n_ctx=2048, verbose=False, flash_attn=flash, kv_cluster=True,
                        kv_cluster_ratio=0.25, kv_cluster_bias=bias) as m:
-                greedy_tokens(m, prompt, 12)
-                assert m.kv_cluster_stats()["passes"] > 0
+                # a fixed continuation, not a greedy one: a near tie between the paths would pick different
+                # tokens and compare logits of different texts
+                m.eval(m.tokenize(prompt))
+                assert lib.chelsea_kv_cluster_compress(m.ctx, 0) > 0
                 m.eval(m.tokenize(" The answer is", add_bos=False))
                 ptr = lib.llama_get_logits_ith(m.ctx, -1)
                 logits[flash, bias] = np.frombuffer(ffi.buffer(ptr, 4 * m.n_vocab()), dtype=np.float32).copy()

@@ -83,7 +83,7 @@ struct chelsea_kv_cluster_params {
     float   attn_weight;     // >= 0: a pair's score is lowered by this times tanh(a/4) of its more attended cell, where
                              // a is the attention the sequence's last prompt queries (a prompt's question) pay the
                              // cell, as a multiple of a uniform share of the mergeable region (SnapKV's signal, read
-                             // when the cache is compressed); 0 (default): off, and no queries are kept
+                             // when the cache is compressed); default 1; 0: off, and no queries are kept
     int32_t attn_window;     // the last queries of a sequence's prompt chunks kept for attn_weight, 1 .. 512
 };
 

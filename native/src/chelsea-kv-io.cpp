@@ -15,16 +15,22 @@
 
 // high bit of the saved n_stream: a stock reader fails with "n_stream mismatch" instead of misreading
 static constexpr uint32_t CHELSEA_STATE_TAG = 1u << 31;
+// the next bit: each stream's part ends with its last prompt queries (chelsea_queries_state_write); a reader that
+// predates them fails with "n_stream mismatch", and states saved before them load without queries
+static constexpr uint32_t CHELSEA_STATE_QUERIES = 1u << 30;
 
 uint32_t llama_kv_cache::chelsea_state_tag() const {
-    return chelsea ? CHELSEA_STATE_TAG : 0;
+    return chelsea ? CHELSEA_STATE_TAG | CHELSEA_STATE_QUERIES : 0;
 }
 
 bool llama_kv_cache::chelsea_state_untag(uint32_t & n_stream_io) const {
+    if (chelsea) {
+        chelsea->state_has_queries = (n_stream_io & CHELSEA_STATE_TAG) && (n_stream_io & CHELSEA_STATE_QUERIES);
+    }
     if ((n_stream_io & CHELSEA_STATE_TAG) == 0) {
         return false;
     }
-    n_stream_io &= ~CHELSEA_STATE_TAG;
+    n_stream_io &= ~(CHELSEA_STATE_TAG | CHELSEA_STATE_QUERIES);
     if (!chelsea) {
         throw std::runtime_error("chelsea-gguf: this state was saved from a context with KV-cache clustering "
                 "(merged cells and their cluster sizes); load it into a context with clustering enabled");
@@ -45,7 +51,7 @@ static std::vector<llama_seq_id> chelsea_state_seqs(const std::vector<uint32_t> 
 }
 
 // per stream, after its K/V data: [n_layer][n_head_kv] cluster sizes of the saved cells (in saved order),
-// then the merge bookkeeping of the saved sequences
+// then the merge bookkeeping of the saved sequences, then the stream's last prompt queries if a saved sequence's
 void llama_kv_cache::chelsea_state_write(llama_io_write_i & io, const cell_ranges_t & cr, llama_seq_id seq_id) const {
     const auto & st = *chelsea;
 
@@ -74,6 +80,7 @@ void llama_kv_cache::chelsea_state_write(llama_io_write_i & io, const cell_range
         io.write(&seq.compressions,   sizeof(seq.compressions));
         io.write(&seq.t_ms,           sizeof(seq.t_ms));
     }
+    chelsea_queries_state_write(st, io, cr.strm, seqs);
 }
 
 bool llama_kv_cache::chelsea_state_read(llama_io_read_i & io, uint32_t strm, uint32_t cell_count, const slot_info & sinfo, llama_seq_id dest_seq_id) {
@@ -147,7 +154,10 @@ bool llama_kv_cache::chelsea_state_read(llama_io_read_i & io, uint32_t strm, uin
         st.seqs[dst] = seq;
     }
     st.update_any_merged();
-    // the prompt queries are not saved: the loaded cells were never asked anything here
-    chelsea_forget_queries(strm);
-    return true;
+    if (!st.state_has_queries) {
+        // saved before states carried them: the loaded cells were never asked anything here
+        chelsea_forget_queries(strm);
+        return true;
+    }
+    return chelsea_queries_state_read(st, io, strm, seq_to_stream, dest_seq_id);
 }

@@ -23,10 +23,6 @@ std::string out_of_range(const char * field, double value, const char * rule) {
 // remaining candidates are too few to be worth another graph
 static constexpr int32_t CHELSEA_MAX_PASSES = 64;
 
-// the most prompt queries kept per sequence for the attention score: a pass multiplies every cell's key by each of
-// them, in every layer
-static constexpr int32_t CHELSEA_MAX_ATTN_WINDOW = 512;
-
 std::string chelsea_params_problem(const chelsea_kv_cluster_params & p) {
     if (!(p.ratio > 0.0f && p.ratio <= 1.0f)) {
         return out_of_range("ratio", p.ratio, "> 0 and <= 1");
@@ -91,7 +87,7 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.distinct_weight = 1.0f;
     p.size_weight     = 0.0f;
     p.value_weight    = 0.0f;
-    p.attn_weight     = 0.0f;
+    p.attn_weight     = 1.0f;
     p.attn_window     = 32;
     return p;
 }

@@ -9,6 +9,7 @@
 
 #include "llama-batch.h"
 #include "llama-impl.h"
+#include "llama-io.h"
 #include "llama-kv-cache.h"
 
 #include <algorithm>
@@ -104,4 +105,77 @@ ggml_tensor * llama_kv_cache::chelsea_keep_queries(ggml_context * ctx, ggml_tens
         q_new = ggml_concat(ctx, older, q_new, 1);
     }
     return ggml_cpy(ctx, q_new, ggml_view_2d(ctx, window, n_embd_q, n_window, window->nb[1], strm*window->nb[2]));
+}
+
+void chelsea_queries_state_write(const chelsea_kv_state & st, llama_io_write_i & io, uint32_t strm,
+        const std::vector<llama_seq_id> & seqs) {
+    chelsea_query_window w;
+    if (!st.queries.empty() && std::find(seqs.begin(), seqs.end(), st.query_windows[strm].seq) != seqs.end()) {
+        w = st.query_windows[strm];
+    }
+    io.write(&w.rows, sizeof(w.rows));
+    if (w.rows == 0) {
+        return;
+    }
+    const uint32_t n_layer = st.queries.size();
+    io.write(&w.seq,     sizeof(w.seq));
+    io.write(&w.pos_max, sizeof(w.pos_max));
+    io.write(&n_layer,   sizeof(n_layer));
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        ggml_tensor * q = st.queries[il];
+        const uint32_t n_embd_q = q->ne[0];
+        io.write(&n_embd_q,            sizeof(n_embd_q));
+        io.write(&st.queries_scale[il], sizeof(float));
+        io.write_tensor(q, strm*q->nb[2] + (q->ne[1] - w.rows)*q->nb[1], w.rows*q->nb[1]);
+    }
+}
+
+bool chelsea_queries_state_read(chelsea_kv_state & st, llama_io_read_i & io, uint32_t strm,
+        const std::vector<uint32_t> & seq_to_stream, llama_seq_id dest_seq_id) {
+    chelsea_query_window saved;
+    io.read(&saved.rows, sizeof(saved.rows));
+    if (strm < st.query_windows.size()) {
+        st.query_windows[strm] = chelsea_query_window();
+    }
+    if (saved.rows == 0) {
+        return true;
+    }
+    uint32_t n_layer;
+    io.read(&saved.seq,     sizeof(saved.seq));
+    io.read(&saved.pos_max, sizeof(saved.pos_max));
+    io.read(&n_layer,       sizeof(n_layer));
+    const llama_seq_id dst = dest_seq_id >= 0 ? dest_seq_id : saved.seq;
+    if (saved.rows > (uint32_t) CHELSEA_MAX_ATTN_WINDOW || dst < 0 || (size_t) dst >= seq_to_stream.size() ||
+            seq_to_stream[dst] != strm || (!st.queries.empty() && n_layer != st.queries.size())) {
+        LLAMA_LOG_ERROR("%s: the state's prompt queries (%u rows of sequence %d, %u layers) do not fit this cache "
+                "(at most %d rows, %zu layers, stream %u)\n", __func__, saved.rows, saved.seq, n_layer,
+                CHELSEA_MAX_ATTN_WINDOW, st.queries.size(), strm);
+        return false;
+    }
+    // a window narrower than the saved one keeps the newest rows; a cache without the score reads past them
+    const uint32_t n_keep = st.queries.empty() ? 0 : std::min<uint32_t>(saved.rows, st.params.attn_window);
+    std::vector<float> rows;
+    for (uint32_t il = 0; il < n_layer; ++il) {
+        uint32_t n_embd_q;
+        float scale;
+        io.read(&n_embd_q, sizeof(n_embd_q));
+        io.read(&scale,    sizeof(scale));
+        if (!st.queries.empty() && n_embd_q != st.queries[il]->ne[0]) {
+            LLAMA_LOG_ERROR("%s: the state's prompt queries of layer %u have %u values, this cache's %lld\n",
+                    __func__, il, n_embd_q, (long long) st.queries[il]->ne[0]);
+            return false;
+        }
+        rows.resize((size_t) saved.rows*n_embd_q);
+        io.read(rows.data(), rows.size()*sizeof(float));
+        if (n_keep > 0) {
+            ggml_tensor * q = st.queries[il];
+            ggml_backend_tensor_set(q, rows.data() + (size_t) (saved.rows - n_keep)*n_embd_q,
+                    strm*q->nb[2] + (q->ne[1] - n_keep)*q->nb[1], n_keep*q->nb[1]);
+            st.queries_scale[il] = scale;
+        }
+    }
+    if (n_keep > 0) {
+        st.query_windows[strm] = { dst, n_keep, saved.pos_max };
+    }
+    return true;
 }

@@ -44,6 +44,10 @@ struct chelsea_seq_state {
     }
 };
 
+// the most prompt queries kept per sequence for the attention score: a pass multiplies every cell's key by each of
+// them, in every layer
+static constexpr int32_t CHELSEA_MAX_ATTN_WINDOW = 512;
+
 // the last queries of a stream's prompt chunks that the tensors of chelsea_kv_state::queries hold: the newest `rows`
 // rows, at the end, all from sequence seq
 struct chelsea_query_window {
@@ -70,6 +74,7 @@ struct chelsea_kv_state {
     std::vector<ggml_tensor *> queries;
     std::vector<float> queries_scale;                 // per cache layer: the KQ scale attention used them with
     std::vector<chelsea_query_window> query_windows;  // per stream
+    bool state_has_queries = false; // the state being read carries each stream's queries (llama_kv_cache::state_read)
 
     std::vector<chelsea_seq_state> seqs; // LLAMA_MAX_SEQ entries
 
@@ -112,3 +117,15 @@ std::string chelsea_params_problem(const chelsea_kv_cluster_params & params);
 
 // cells a sequence of `tokens` tokens may be compressed to: its budget, never below what is protected
 uint32_t chelsea_target_cells(const chelsea_kv_cluster_params & params, int64_t tokens);
+
+class llama_io_write_i;
+class llama_io_read_i;
+
+// a state's part of stream strm ends with the stream's last prompt queries when they belong to one of the saved
+// sequences seqs: a loaded state then compresses as the live one would
+void chelsea_queries_state_write(const chelsea_kv_state & st, llama_io_write_i & io, uint32_t strm,
+        const std::vector<llama_seq_id> & seqs);
+// reads what chelsea_queries_state_write wrote into stream strm (into dest_seq_id, if >= 0); a cache without the
+// queries (attn_weight 0) skips them; false (logged) if the state does not fit this cache
+bool chelsea_queries_state_read(chelsea_kv_state & st, llama_io_read_i & io, uint32_t strm,
+        const std::vector<uint32_t> & seq_to_stream, llama_seq_id dest_seq_id);
