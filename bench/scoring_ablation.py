@@ -3,6 +3,7 @@
     python3 bench/scoring_ablation.py --ratio 0.2 --config "distinct=1"          # one configuration, one process
     python3 bench/scoring_ablation.py --ratio 0.2 --config "distinct=1,size=0.5"
     python3 bench/scoring_ablation.py --ratio 0.2 --config "attn=1" --ctx 16384  # all items in one 16k context
+    python3 bench/scoring_ablation.py --ratio 0.2 --ctx 16384 --model gemma       # Gemma-3-270M, the same items
     python3 bench/scoring_ablation.py --kld "default;distinct=1"                 # KLD of each against the full cache
     python3 bench/scoring_ablation.py --report                                  # the table of every recorded run
 
@@ -38,7 +39,7 @@ from common import FULL, RESULTS, document_tokens, provenance, write_json
 from haystacks import BANDS, build_items
 from methods import Chelsea, Method
 from quality_kld import method_logprobs, score
-from retrieval import answer, row_for, tally, wilson
+from retrieval import MODELS, answer, model_path, row_for, tally, wilson
 
 SHORT = {"distinct": "distinct_weight", "size": "size_weight", "value": "value_weight", "attn": "attn_weight"}
 OUT = RESULTS / "scoring_ablation"
@@ -63,11 +64,12 @@ def parse_config(text: str) -> dict[str, Any]:
 
 
 def run(ratio: float, config: str, threads: int, full: bool, kinds: list[str] | None = None,
-        n_ctx: int | None = None) -> Path:
+        n_ctx: int | None = None, model: str = "smollm2") -> Path:
     """Answers every item; with n_ctx, in one context of that logical size (a user's ``--ctx``), opened once,
     instead of one sized to each prompt."""
     method = FULL if full else chelsea_with(ratio, config)
-    with FULL.open(64, None, 1) as tok_llm:
+    path = model_path(model)
+    with FULL.open(64, path, 1) as tok_llm:
         # the whole set first, then the kinds asked for: the same items (and lengths) as in a run of all of them
         items = build_items(lambda t: len(tok_llm.tokenize(t)), LENGTHS, depths=DEPTHS)
         items = [it for it in items if kinds is None or it.needle_kind in kinds]
@@ -79,14 +81,16 @@ def run(ratio: float, config: str, threads: int, full: bool, kinds: list[str] | 
         name += "_" + "_".join(kinds)
     if n_ctx is not None:
         name += f"_ctx{n_ctx}"
-    meta = provenance("python3 bench/scoring_ablation.py" + " ".join([""] + sys.argv[1:]), ratio=ratio,
+    name += MODELS[model]["suffix"]
+    meta = provenance("python3 bench/scoring_ablation.py" + " ".join([""] + sys.argv[1:]), model=MODELS[model]["label"],
+                      ratio=ratio,
                       config=config, threads=threads, lengths=list(LENGTHS), depths=list(DEPTHS), kinds=kinds,
                       n_ctx=n_ctx)
     with contextlib.ExitStack() as stack:
-        llm = stack.enter_context(method.open(n_ctx, None, threads)) if n_ctx is not None else None
+        llm = stack.enter_context(method.open(n_ctx, path, threads)) if n_ctx is not None else None
         for it in items:
             if llm is None:
-                text, cells, secs = answer(method, it, [tokens[it.item_id]], None, threads, 10)
+                text, cells, secs = answer(method, it, [tokens[it.item_id]], path, threads, 10)
             else:
                 text, cells, secs = answer_in(method, llm, n_ctx, tokens[it.item_id], 10)
             rows.append(row_for(method, it, len(tokens[it.item_id]), 10, PROTOCOL, text, cells, secs))
@@ -138,11 +142,14 @@ def report() -> Path:
     # it may come from another machine, whose files (the haystacks' sources) differ a little
     # a run in a context of a fixed logical size (--ctx) says so; its ceiling is the full cache's run of the same
     # kinds, whose answers do not depend on the context's size
+    # a run on another model than SmolLM2 (--model) says which, and its ceiling is the full cache on that model
     for run in runs:
         kinds, n_ctx = run["meta"].get("kinds"), run["meta"].get("n_ctx")
+        label = run["meta"].get("model", MODELS["smollm2"]["label"])
+        on_model = "" if label == MODELS["smollm2"]["label"] else f" [{label}]"
         for r in run["rows"]:
-            r["method"] += f" [{','.join(kinds)} only]" if kinds else ""
-            r["ceiling"] = FULL.name + (f" [{','.join(kinds)} only]" if kinds else "")
+            r["method"] += (f" [{','.join(kinds)} only]" if kinds else "") + on_model
+            r["ceiling"] = FULL.name + (f" [{','.join(kinds)} only]" if kinds else "") + on_model
             r["method"] += f" [n_ctx {n_ctx}]" if n_ctx else ""
     rows = [r for run in runs for r in run["rows"]]
     methods = list(dict.fromkeys(r["method"] for r in sorted(rows, key=lambda r: (" [" in r["method"],
@@ -153,7 +160,7 @@ def report() -> Path:
     secs: dict[str, list[float]] = {}
     for r in rows:
         secs.setdefault(r["method"], []).append(r["seconds"])
-    lines = ["Ablation of the merge ranking on varied-text needles (SmolLM2-135M Q4_1, lengths "
+    lines = ["Ablation of the merge ranking on varied-text needles (SmolLM2-135M Q4_1 unless a row names another model, lengths "
              f"{list(LENGTHS)}, depths {list(DEPTHS)}, 3 haystacks x 3 needle kinds, context and question in one prompt; "
              "`bench/scoring_ablation.py`). "
              "Retrieved / total, (x%) = share of what the full cache retrieved in that band on the same items; ± = 95% "
@@ -198,6 +205,7 @@ def main() -> int:
     ap.add_argument("--kld", help="semicolon-separated configurations to score by KLD instead")
     ap.add_argument("--ctx", type=int, help="answer every item in one context of this logical size (a user's --ctx, "
                                             "e.g. 16384) instead of one sized to each prompt")
+    ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
     ap.add_argument("--kinds", help="only these needle kinds, comma-separated (e.g. number): a first look; the run "
                                     "is recorded under its own name")
     args = ap.parse_args()
@@ -205,7 +213,7 @@ def main() -> int:
         print(kld(args.ratio, args.kld.split(";"), args.threads))
     elif not args.report:
         kinds = None if args.kinds is None else [k.strip() for k in args.kinds.split(",") if k.strip()]
-        print(run(args.ratio, args.config, args.threads, args.full, kinds, args.ctx))
+        print(run(args.ratio, args.config, args.threads, args.full, kinds, args.ctx, args.model))
     print(report().read_text())
     return 0
 
