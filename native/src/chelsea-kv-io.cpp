@@ -154,10 +154,7 @@ bool llama_kv_cache::chelsea_state_read(llama_io_read_i & io, uint32_t strm, uin
         st.seqs[dst] = seq;
     }
     st.update_any_merged();
-    if (!st.state_has_queries) {
-        // saved before states carried them: the loaded cells were never asked anything here
-        chelsea_forget_queries(strm);
-        return true;
-    }
-    return chelsea_queries_state_read(st, io, strm, seq_to_stream, dest_seq_id);
+    // the stream's window becomes the state's; a state saved before states carried one has none
+    chelsea_forget_queries(strm);
+    return !st.state_has_queries || chelsea_queries_state_read(st, io, strm, seq_to_stream, dest_seq_id);
 }

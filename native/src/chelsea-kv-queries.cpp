@@ -134,9 +134,6 @@ bool chelsea_queries_state_read(chelsea_kv_state & st, llama_io_read_i & io, uin
         const std::vector<uint32_t> & seq_to_stream, llama_seq_id dest_seq_id) {
     chelsea_query_window saved;
     io.read(&saved.rows, sizeof(saved.rows));
-    if (strm < st.query_windows.size()) {
-        st.query_windows[strm] = chelsea_query_window();
-    }
     if (saved.rows == 0) {
         return true;
     }

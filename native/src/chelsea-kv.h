@@ -125,7 +125,7 @@ class llama_io_read_i;
 // sequences seqs: a loaded state then compresses as the live one would
 void chelsea_queries_state_write(const chelsea_kv_state & st, llama_io_write_i & io, uint32_t strm,
         const std::vector<llama_seq_id> & seqs);
-// reads what chelsea_queries_state_write wrote into stream strm (into dest_seq_id, if >= 0); a cache without the
-// queries (attn_weight 0) skips them; false (logged) if the state does not fit this cache
+// reads what chelsea_queries_state_write wrote into the (emptied) window of stream strm (into dest_seq_id, if >= 0);
+// a cache without the queries (attn_weight 0) skips them; false (logged) if the state does not fit this cache
 bool chelsea_queries_state_read(chelsea_kv_state & st, llama_io_read_i & io, uint32_t strm,
         const std::vector<uint32_t> & seq_to_stream, llama_seq_id dest_seq_id);
