@@ -123,6 +123,19 @@ class Session:
         n = len(tokens)
         first = n - 1 if logits_from is None else max(0, logits_from)
         out = np.empty((max(0, n - first), self.n_vocab), dtype=np.float32)
+        # as Llama.eval: a clustered cache that must merge while the prompt is fed reads the prompt's end first.
+        # Not when the logits of every position are asked for: they stand in for generated tokens (quality_kld.py),
+        # whose future a real generation does not know, and the read-ahead would let it choose what stays
+        read_ahead = self.policy is None and logits_from is None and self.llm.read_ahead(tokens, self.n_past)
+        try:
+            self._feed(tokens, first, out)
+        finally:
+            if read_ahead:
+                self.llm.drop_read_ahead()
+        return out
+
+    def _feed(self, tokens: Sequence[int], first: int, out: np.ndarray) -> None:
+        n = len(tokens)
         for start in range(0, n, self.chunk):
             part = tokens[start:start + self.chunk]
             if self.policy is not None:
@@ -145,7 +158,6 @@ class Session:
                     out[start + i - first] = np.frombuffer(ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32)
             self.n_past += len(part)
             self.n_fed += len(part)
-        return out
 
     def settle(self) -> None:
         """After a prompt: compress a clustered cache to its budget, as ``Llama.generate_tokens`` does; a policy

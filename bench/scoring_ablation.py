@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from chelsea_gguf import Llama
-from chelsea_gguf.cluster import KEYWORD_FIELDS
+from chelsea_gguf.cluster import KEYWORD_FIELDS, default_options
 
 from common import FULL, RESULTS, document_tokens, provenance, write_json
 from haystacks import BANDS, build_items
@@ -59,7 +59,10 @@ def parse_config(text: str) -> dict[str, Any]:
         keyword = "kv_cluster_" + SHORT.get(name.strip(), name.strip())
         if keyword not in KEYWORD_FIELDS:
             raise SystemExit(f"--config {text!r}: unknown option {name!r} (known: {', '.join(SHORT)}, or a field)")
-        out[keyword] = float(value) if "." in value or name.strip() in SHORT else int(value)
+        if isinstance(getattr(default_options(), KEYWORD_FIELDS[keyword]), bool):
+            out[keyword] = value.strip().lower() in ("1", "true", "on")
+        else:
+            out[keyword] = float(value) if "." in value or name.strip() in SHORT else int(value)
     return out
 
 

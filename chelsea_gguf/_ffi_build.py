@@ -254,12 +254,16 @@ struct chelsea_kv_cluster_params {
     float    value_weight;
     float    attn_weight;
     int32_t  attn_window;
+    bool     lookahead;
 };
 struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);
 int32_t chelsea_kv_cluster_params_check(const struct chelsea_kv_cluster_params * params, char * err, size_t err_len);
 int32_t chelsea_kv_cluster_enable(struct llama_context * ctx, const struct chelsea_kv_cluster_params * params,
                                   char * err, size_t err_len);
 int32_t chelsea_kv_cluster_compress(struct llama_context * ctx, llama_seq_id seq_id);
+int32_t chelsea_kv_cluster_read_ahead(struct llama_context * ctx, llama_seq_id seq_id, llama_pos pos_first);
+int32_t chelsea_kv_cluster_queries(const struct llama_context * ctx, llama_seq_id seq_id, int32_t layer,
+                                   bool read_ahead, float * out, int32_t n_max, int32_t * n_embd_q);
 struct chelsea_kv_cluster_seq_stats {
     int64_t   tokens;
     int32_t   cells;

@@ -431,30 +431,66 @@ class Llama:
         if len(self._tokens) + len(tokens) > n_ctx:
             raise ValueError(f"{len(self._tokens) + len(tokens)} tokens do not fit in the context "
                              f"(n_ctx={n_ctx})")
-        batch = self._batch
         if self._progress is not None and len(tokens) > 1:
             self._progress(0, len(tokens))
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start:start + self.n_batch]
-            last_chunk = start + self.n_batch >= len(tokens)
-            base = len(self._tokens)
-            for i, tok in enumerate(chunk):
-                batch.token[i] = tok
-                batch.pos[i] = base + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
-                batch.logits[i] = 1 if (last_chunk and i == len(chunk) - 1) else 0
-            batch.n_tokens = len(chunk)
-            rc = lib.llama_decode(self._ctx, batch)
-            if rc == 1:
-                raise RuntimeError(f"the KV cache is full: no room for {len(chunk)} tokens at position {base} "
-                                   f"({self.n_cells()} cells)")
-            if rc != 0:
-                raise RuntimeError(f"llama_decode failed with code {rc} at position {base} "
-                                   f"(n_ctx={n_ctx}): " + "; ".join(_lib.recent_errors()[-2:]))
-            self._tokens.extend(chunk)
-            if self._progress is not None and len(tokens) > 1:
-                self._progress(min(start + self.n_batch, len(tokens)), len(tokens))
+        read_ahead = self.read_ahead(tokens, len(self._tokens))
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start:start + self.n_batch]
+                last_chunk = start + self.n_batch >= len(tokens)
+                base = len(self._tokens)
+                rc = self._decode(chunk, base, logits_last=last_chunk)
+                if rc == 1:
+                    raise RuntimeError(f"the KV cache is full: no room for {len(chunk)} tokens at position {base} "
+                                       f"({self.n_cells()} cells)")
+                if rc != 0:
+                    raise RuntimeError(f"llama_decode failed with code {rc} at position {base} "
+                                       f"(n_ctx={n_ctx}): " + "; ".join(_lib.recent_errors()[-2:]))
+                self._tokens.extend(chunk)
+                if self._progress is not None and len(tokens) > 1:
+                    self._progress(min(start + self.n_batch, len(tokens)), len(tokens))
+        finally:
+            if read_ahead:
+                self.drop_read_ahead()
+
+    def _decode(self, chunk: Sequence[int], base: int, logits_last: bool) -> int:
+        """llama_decode of chunk (at most n_batch tokens) into sequence 0 at positions base...; its return code."""
+        batch = self._batch
+        for i, tok in enumerate(chunk):
+            batch.token[i] = tok
+            batch.pos[i] = base + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1 if (logits_last and i == len(chunk) - 1) else 0
+        batch.n_tokens = len(chunk)
+        return lib.llama_decode(self._ctx, batch)
+
+    def read_ahead(self, tokens: Sequence[int], base: int) -> bool:
+        """Before prompt tokens that clustering must merge while they are fed at positions base...: decode their
+        last attn_window tokens (after their first, the BOS, when base is 0), keep those queries for the merges
+        (turned to where the prompt has them) and take their cells back. A prompt usually ends with what it asks;
+        without this, the merges made before its end is read cannot know it. True if the queries are kept: they
+        are dropped once the prompt reaches them (or by drop_read_ahead). ``eval`` calls it."""
+        options = self.kv_cluster_options
+        if options is None or not options.lookahead or options.attn_weight <= 0:
+            return False
+        window = options.attn_window
+        head = list(tokens[:1]) if base == 0 else []
+        ahead = head + list(tokens[-window:])
+        if len(tokens) <= len(ahead) or len(ahead) > self.n_batch:
+            return False
+        if cluster.read_stats(self._ctx).cells + len(tokens) <= self.n_cells():
+            return False   # it fits: the compression after it reads the prompt's own end
+        kept = self._decode(ahead, base, logits_last=False) == 0 and \
+            lib.chelsea_kv_cluster_read_ahead(self._ctx, 0, base + len(tokens) - window) > 0
+        if not lib.llama_memory_seq_rm(lib.llama_get_memory(self._ctx), 0, base, -1):
+            raise RuntimeError(f"could not take back the {len(ahead)} tokens read ahead of the prompt at position {base}")
+        return kept
+
+    def drop_read_ahead(self) -> None:
+        """Forget the queries read_ahead kept (a prompt fed to its end drops them by itself)."""
+        if self.kv_cluster_options is not None:
+            lib.chelsea_kv_cluster_read_ahead(self._ctx, 0, -1)
 
     # ------------------------------------------------------------------ completion
 

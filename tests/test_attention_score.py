@@ -69,11 +69,12 @@ def test_attention_score_merges_other_cells_to_the_same_budget(model_path: Path,
 
 def test_queries_are_kept_beside_the_cache_only_when_asked(model_path: Path) -> None:
     """With the score on, each layer keeps attn_window f32 queries of every Q head, counted in the KV allocation;
-    off, nothing."""
+    off, nothing (the second window of kv_cluster_lookahead: tests/test_read_ahead.py)."""
     window = 8
     with open_llm(model_path, **NO_ATTN) as llm:
         off = read_kv_stats(llm.ctx).buffer_bytes
-    with open_llm(model_path, kv_cluster_attn_weight=1.0, kv_cluster_attn_window=window) as llm:
+    with open_llm(model_path, kv_cluster_attn_weight=1.0, kv_cluster_attn_window=window,
+                  kv_cluster_lookahead=False) as llm:
         on = read_kv_stats(llm.ctx).buffer_bytes
         n_layer = int(lib.llama_model_n_layer(llm.model))
         n_embd = int(lib.llama_model_n_embd(llm.model))   # n_head * head size for this model

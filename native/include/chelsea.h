@@ -85,6 +85,9 @@ struct chelsea_kv_cluster_params {
                              // cell, as a multiple of a uniform share of the mergeable region (SnapKV's signal, read
                              // when the cache is compressed); default 1; 0: off, and no queries are kept
     int32_t attn_window;     // the last queries of a sequence's prompt chunks kept for attn_weight, 1 .. 512
+    bool    lookahead;       // with attn_weight: keep a second window for the queries of a prompt's end read ahead of
+                             // the prompt (chelsea_kv_cluster_read_ahead), which the room made for the prompt's chunks
+                             // reads while the prompt is fed; default true
 };
 
 LLAMA_API struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);
@@ -107,6 +110,15 @@ LLAMA_API int32_t chelsea_kv_cluster_enable(
 // Compresses sequence seq_id down to its budget now. Returns the number of cells removed (0 when
 // nothing is due or the cells cannot be clustered), or -1 if clustering is not enabled.
 LLAMA_API int32_t chelsea_kv_cluster_compress(struct llama_context * ctx, llama_seq_id seq_id);
+
+// With attn_weight and lookahead on: the queries of the chunk just decoded into seq_id, the last tokens of a prompt
+// read ahead of the rest of it, are rotated to stand at positions [pos_first, pos_first + rows) and kept apart. The
+// room made for the prompt's chunks while they are fed then keeps what the prompt's end asks for, as the compression
+// to budget after the prompt does. The caller removes the chunk's cells (llama_memory_seq_rm) and feeds the prompt.
+// The queries are dropped once the sequence reaches pos_first + rows - 1, at a clear or state load, or with
+// pos_first = -1. Returns the rows kept, 0 when dropped, -1 if there is nothing to keep (clustering, attn_weight or
+// lookahead off, or the window holds no queries of seq_id).
+LLAMA_API int32_t chelsea_kv_cluster_read_ahead(struct llama_context * ctx, llama_seq_id seq_id, llama_pos pos_first);
 
 struct chelsea_kv_cluster_seq_stats {
     int64_t   tokens;     // tokens the sequence's cells represent
@@ -152,6 +164,19 @@ LLAMA_API int32_t chelsea_kv_keys(
         int32_t layer,
         float * out,
         int32_t n_cells);
+
+// Inspection, for tests and tools: the prompt queries that attn_weight keeps for seq_id in cache layer `layer` (0-based
+// among layers with K/V), the last ones of its prompt chunks or (read_ahead) those chelsea_kv_cluster_read_ahead kept,
+// as out[r*n_embd_q + j] for row r (oldest first), copied when they fit in n_max floats. Sets *n_embd_q (if not NULL)
+// and returns the rows (0: none kept for seq_id), or -1.
+LLAMA_API int32_t chelsea_kv_cluster_queries(
+        const struct llama_context * ctx,
+        llama_seq_id seq_id,
+        int32_t layer,
+        bool read_ahead,
+        float * out,
+        int32_t n_max,
+        int32_t * n_embd_q);
 
 // Runs one pass of the Chelsea ops (match or, with match_values, match by keys and values; plan, merge) on
 // the CPU backend over caller data, for checking the ops against a reference. k: [n_span][n_embd] f32, stored as type_k before the pass;

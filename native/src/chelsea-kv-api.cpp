@@ -110,6 +110,26 @@ int32_t chelsea_kv_cluster_compress(llama_context * ctx, llama_seq_id seq_id) {
     return (int32_t) (seq.n_merged - before);
 }
 
+int32_t chelsea_kv_cluster_read_ahead(llama_context * ctx, llama_seq_id seq_id, llama_pos pos_first) {
+    llama_kv_cache * kv = clustered_cache(ctx, seq_id);
+    if (kv == nullptr || kv->chelsea->lookahead.empty()) {
+        return -1;
+    }
+    auto & st = *kv->chelsea;
+    const uint32_t strm = kv->get_stream(seq_id);
+    st.lookahead_windows[strm] = chelsea_query_window();
+    if (pos_first < 0) {
+        return 0;
+    }
+    // turned in update(), as a compression: the scheduler then runs a graph of ours, and llama.cpp knows not to
+    // reuse the decoding graph it had built on it
+    st.read_ahead_requests[strm] = { seq_id, 0, pos_first };
+    ctx->memory_update(false);
+    st.read_ahead_requests[strm] = chelsea_query_window();
+    const chelsea_query_window & la = st.lookahead_windows[strm];
+    return la.seq == seq_id ? (int32_t) la.rows : -1;
+}
+
 int32_t chelsea_kv_cluster_seq_stats_get(const llama_context * ctx, llama_seq_id seq_id, chelsea_kv_cluster_seq_stats * out) {
     const llama_kv_cache * kv = clustered_cache(ctx, seq_id);
     if (kv == nullptr || out == nullptr) {
@@ -152,6 +172,30 @@ int32_t chelsea_kv_cluster_sizes(const llama_context * ctx, llama_seq_id seq_id,
         ggml_backend_tensor_get(s, out + h*n_cells, strm*s->nb[2] + h*s->nb[1], n_cells*sizeof(float));
     }
     return (int32_t) s->ne[1];
+}
+
+int32_t chelsea_kv_cluster_queries(const llama_context * ctx, llama_seq_id seq_id, int32_t layer, bool read_ahead,
+        float * out, int32_t n_max, int32_t * n_embd_q) {
+    const llama_kv_cache * kv = clustered_cache(ctx, seq_id);
+    if (kv == nullptr) {
+        return -1;
+    }
+    const auto & st = *kv->chelsea;
+    const auto & tensors = read_ahead ? st.lookahead : st.queries;
+    if (layer < 0 || (size_t) layer >= tensors.size()) {
+        return -1;
+    }
+    const ggml_tensor * q = tensors[layer];
+    const uint32_t strm = kv->get_stream(seq_id);
+    const chelsea_query_window & w = read_ahead ? st.lookahead_windows[strm] : st.query_windows[strm];
+    if (n_embd_q != nullptr) {
+        *n_embd_q = (int32_t) q->ne[0];
+    }
+    const int32_t rows = w.seq == seq_id ? (int32_t) w.rows : 0;
+    if (out != nullptr && rows > 0 && (int64_t) rows*q->ne[0] <= n_max) {
+        ggml_backend_tensor_get(q, out, strm*q->nb[2] + (q->ne[1] - rows)*q->nb[1], rows*q->nb[1]);
+    }
+    return rows;
 }
 
 int32_t chelsea_kv_keys(const llama_context * ctx, llama_seq_id seq_id, int32_t layer, float * out, int32_t n_cells) {

@@ -286,11 +286,11 @@ ggml_tensor * build_layer_pass(ggml_context * ctx, ggml_cgraph * gf, pass_span &
                 0.5f*(GGML_CHELSEA_NO_SCORE + GGML_CHELSEA_NONFINITE))));
     }
     ggml_tensor * sizes = span.cols(s, n_head_kv, pass.n);
-    // the window's newest q_rows queries (q_rows > 0 only when the window exists)
+    // the window's newest q_rows queries (q_rows > 0 only when the window exists), or the read-ahead ones
     ggml_tensor * q = nullptr;
     float q_scale = 1.0f;
     if (pass.q_rows > 0) {
-        ggml_tensor * w = st.queries[ikv];
+        ggml_tensor * w = pass.q_lookahead ? st.lookahead[ikv] : st.queries[ikv];
         q = ggml_view_2d(ctx, w, w->ne[0], pass.q_rows, w->nb[1], pass.strm*w->nb[2] + (w->ne[1] - pass.q_rows)*w->nb[1]);
         q_scale = st.queries_scale[ikv];
     }
@@ -407,6 +407,11 @@ bool llama_kv_cache::chelsea_pending() const {
             return true;
         }
     }
+    for (const auto & req : chelsea->read_ahead_requests) {
+        if (req.seq >= 0) {
+            return true;
+        }
+    }
     return false;
 }
 
@@ -444,6 +449,13 @@ bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize)
 
 bool llama_kv_cache::chelsea_update(llama_context * lctx) {
     bool changed = false;
+    // a graph of its own runs here, where llama.cpp knows the scheduler is being used between decodes
+    for (auto & req : chelsea->read_ahead_requests) {
+        if (req.seq >= 0) {
+            changed = chelsea_read_ahead(lctx, req.seq, req.pos_max) > 0 || changed;
+            req = chelsea_query_window();
+        }
+    }
     for (uint32_t s = 0; s < n_seq_max; ++s) {
         auto & seq = chelsea->seqs[s];
         if (seq.pending) {
@@ -494,17 +506,25 @@ bool llama_kv_cache::chelsea_compress_seq(llama_context * lctx, llama_seq_id seq
     const bool prompt_in = seq.keep == 0;
     seq.keep = 0;
     const uint32_t c0 = std::max((uint32_t) p.n_sink, n_shared);
-    // the sequence's last prompt queries, if the window holds its own
+    // the sequence's last prompt queries, if the window holds its own; while the prompt is fed, those of its end
+    // read ahead of it, if any
     uint32_t q_rows = 0;
-    if (prompt_in && p.attn_weight > 0.0f && !st.queries.empty() && st.query_windows[strm].seq == seq_id) {
-        q_rows = st.query_windows[strm].rows;
+    bool q_lookahead = false;
+    if (p.attn_weight > 0.0f && !st.queries.empty()) {
+        if (prompt_in && st.query_windows[strm].seq == seq_id) {
+            q_rows = st.query_windows[strm].rows;
+        } else if (!prompt_in && !st.lookahead.empty() && st.lookahead_windows[strm].seq == seq_id) {
+            q_rows = st.lookahead_windows[strm].rows;
+            q_lookahead = true;
+        }
     }
     int32_t passes = 0;
     for (uint32_t n = n0; n > target && passes < p.max_passes && n >= c0 + (uint32_t) p.n_recent + 2; n = (uint32_t) idx.size()) {
         const uint32_t n_region = n - c0 - p.n_recent;
         const uint32_t n_cand   = n_region / 2;
         const chelsea_pass pass = { strm, packed ? std::vector<uint32_t>() : idx, n, c0, n_region,
-                                    std::min(std::max(1u, (uint32_t) (n_cand*p.pass_fraction)), n - target), q_rows };
+                                    std::min(std::max(1u, (uint32_t) (n_cand*p.pass_fraction)), n - target), q_rows,
+                                    q_lookahead };
         const int64_t nonfinite = chelsea_run_pass(lctx, pass);
         if (nonfinite < 0) {
             LLAMA_LOG_ERROR("%s: seq %d: compression pass failed\n", __func__, seq_id);

@@ -8,9 +8,12 @@
 #include "chelsea-kv.h"
 
 #include "llama-batch.h"
+#include "llama-context.h"
+#include "llama-graph.h"
 #include "llama-impl.h"
 #include "llama-io.h"
 #include "llama-kv-cache.h"
+#include "llama-model.h"
 
 #include <algorithm>
 #include <map>
@@ -27,17 +30,23 @@ bool llama_kv_cache::chelsea_alloc_queries(std::string & err) {
     }
     std::map<ggml_backend_buffer_type_t, ggml_context_ptr> ctx_map;
     std::vector<ggml_tensor *> queries;
+    std::vector<ggml_tensor *> lookahead;
     for (const auto & layer : layers) {
         ggml_backend_buffer_type_t buft = ggml_backend_buffer_get_type(layer.k->buffer);
         auto it = ctx_map.find(buft);
         if (it == ctx_map.end()) {
-            ggml_init_params ip = { size_t(layers.size() + 1)*ggml_tensor_overhead(), nullptr, true };
+            ggml_init_params ip = { size_t(2*layers.size() + 1)*ggml_tensor_overhead(), nullptr, true };
             it = ctx_map.emplace(buft, ggml_context_ptr(ggml_init(ip))).first;
         }
         const int64_t n_embd_q = (int64_t) hparams.n_embd_head_k(layer.il)*hparams.n_head(layer.il);
         ggml_tensor * q = ggml_new_tensor_3d(it->second.get(), GGML_TYPE_F32, n_embd_q, st.params.attn_window, n_stream);
         ggml_format_name(q, "chelsea_queries_l%d", layer.il);
         queries.push_back(q);
+        if (st.params.lookahead) {
+            ggml_tensor * a = ggml_dup_tensor(it->second.get(), q);
+            ggml_format_name(a, "chelsea_lookahead_l%d", layer.il);
+            lookahead.push_back(a);
+        }
     }
     for (auto & [buft, ctx] : ctx_map) {
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx.get(), buft);
@@ -51,13 +60,28 @@ bool llama_kv_cache::chelsea_alloc_queries(std::string & err) {
         st.ctxs_bufs.emplace_back(std::move(ctx), buf);
     }
     st.queries = std::move(queries);
+    st.lookahead = std::move(lookahead);
     st.queries_scale.assign(layers.size(), 1.0f);
     st.query_windows.assign(n_stream, chelsea_query_window());
+    st.lookahead_windows.assign(n_stream, chelsea_query_window());
+    st.read_ahead_requests.assign(n_stream, chelsea_query_window());
     return true;
 }
 
 void llama_kv_cache::chelsea_note_ubatch(const llama_ubatch & ubatch) {
     auto & st = *chelsea;
+    // the read-ahead queries stand in for the prompt's end until the prompt gets there: from then on the window
+    // holds that end's own queries, read with the text before it
+    for (auto & la : st.lookahead_windows) {
+        for (uint32_t i = 0; la.seq >= 0 && i < ubatch.n_tokens; ++i) {
+            for (int32_t j = 0; j < ubatch.n_seq_id[i]; ++j) {
+                if (ubatch.seq_id[i][j] == la.seq && ubatch.pos[i] >= la.pos_max) {
+                    la = chelsea_query_window();
+                    break;
+                }
+            }
+        }
+    }
     if (!st.keeps_queries(ubatch)) {
         return;
     }
@@ -75,7 +99,63 @@ void llama_kv_cache::chelsea_forget_queries(uint32_t strm) {
     auto & st = *chelsea;
     if (strm < st.query_windows.size()) {
         st.query_windows[strm] = chelsea_query_window();
+        st.lookahead_windows[strm] = chelsea_query_window();
     }
+}
+
+int32_t llama_kv_cache::chelsea_read_ahead(llama_context * lctx, llama_seq_id seq_id, llama_pos pos_first) {
+    auto & st = *chelsea;
+    const uint32_t strm = seq_to_stream[seq_id];
+    auto & la = st.lookahead_windows[strm];
+    la = chelsea_query_window();
+    const chelsea_query_window w = st.query_windows[strm];
+    if (st.lookahead.empty() || w.seq != seq_id || w.rows == 0 || pos_first < 0) {
+        return -1;
+    }
+    // RoPE turns by position, so queries read at other positions turn to where the prompt will have them by the
+    // difference, as llama.cpp's K-shift turns keys (build_rope_shift)
+    const llama_pos delta = pos_first - (w.pos_max - (llama_pos) w.rows + 1);
+    const auto & cparams = lctx->get_cparams();
+    const auto rope_type = hparams.rope_type == LLAMA_ROPE_TYPE_MROPE || hparams.rope_type == LLAMA_ROPE_TYPE_IMROPE
+        ? LLAMA_ROPE_TYPE_NEOX : hparams.rope_type;
+
+    auto * sched = lctx->get_sched();
+    ggml_backend_sched_reset(sched);
+    llm_graph_result res(16*(int64_t) layers.size() + 16);
+    ggml_context * ctx = res.get_ctx();
+    ggml_cgraph  * gf  = res.get_gf();
+    ggml_tensor * shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, w.rows);
+    ggml_set_input(shift);
+    for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
+        const uint32_t il = layers[ikv].il;
+        ggml_tensor * src = st.queries[ikv];
+        ggml_tensor * dst = st.lookahead[ikv];
+        const size_t offs = strm*src->nb[2] + (src->ne[1] - w.rows)*src->nb[1];
+        ggml_tensor * q = ggml_view_2d(ctx, src, src->ne[0], w.rows, src->nb[1], offs);
+        if (hparams.has_rope(il)) {
+            const int64_t head_dim = hparams.n_embd_head_k(il);
+            ggml_tensor * q3 = ggml_reshape_3d(ctx, q, head_dim, src->ne[0]/head_dim, w.rows);
+            q3 = ggml_rope_ext(ctx, q3, shift, model.get_rope_factors(cparams, il), hparams.n_rot(il), rope_type,
+                    cparams.n_ctx_orig_yarn, model.get_rope_freq_base(cparams, il), model.get_rope_freq_scale(cparams, il),
+                    cparams.yarn_ext_factor, cparams.yarn_attn_factor, cparams.yarn_beta_fast, cparams.yarn_beta_slow);
+            q = ggml_reshape_2d(ctx, q3, src->ne[0], w.rows);
+        }
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, q, ggml_view_2d(ctx, dst, dst->ne[0], w.rows, dst->nb[1], offs)));
+    }
+    if (!ggml_backend_sched_alloc_graph(sched, gf)) {
+        LLAMA_LOG_ERROR("%s: failed to allocate the graph that turns the read-ahead queries\n", __func__);
+        return -1;
+    }
+    const std::vector<int32_t> shifts(w.rows, (int32_t) delta);
+    ggml_backend_tensor_set(shift, shifts.data(), 0, shifts.size()*sizeof(int32_t));
+    if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
+        LLAMA_LOG_ERROR("%s: failed to turn the read-ahead queries\n", __func__);
+        return -1;
+    }
+    // the graph's tensors go with `res`: nothing may still be computing them
+    ggml_backend_sched_synchronize(sched);
+    la = { seq_id, w.rows, pos_first + (llama_pos) w.rows - 1 };
+    return (int32_t) w.rows;
 }
 
 ggml_tensor * llama_kv_cache::chelsea_keep_queries(ggml_context * ctx, ggml_tensor * q, float kq_scale, int32_t il,

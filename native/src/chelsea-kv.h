@@ -74,6 +74,13 @@ struct chelsea_kv_state {
     std::vector<ggml_tensor *> queries;
     std::vector<float> queries_scale;                 // per cache layer: the KQ scale attention used them with
     std::vector<chelsea_query_window> query_windows;  // per stream
+    // params.lookahead: the same for the queries of a prompt's end read ahead of the prompt, rotated to their
+    // positions in it (chelsea_kv_cluster_read_ahead); a window's pos_max is the last of those positions
+    std::vector<ggml_tensor *> lookahead;
+    std::vector<chelsea_query_window> lookahead_windows; // per stream
+    // per stream: the sequence whose window update() turns into its read-ahead queries, to stand from position pos_max
+    // on (chelsea_kv_cluster_read_ahead); seq -1: none
+    std::vector<chelsea_query_window> read_ahead_requests;
     bool state_has_queries = false; // the state being read carries each stream's queries (llama_kv_cache::state_read)
 
     std::vector<chelsea_seq_state> seqs; // LLAMA_MAX_SEQ entries
@@ -110,6 +117,7 @@ struct chelsea_pass {
     uint32_t n_region; // cells of the mergeable region
     uint32_t n_remove; // cells the pass removes
     uint32_t q_rows;   // the sequence's last prompt queries the attention score reads (0: none)
+    bool q_lookahead;  // those queries are the read-ahead ones (chelsea_kv_state::lookahead)
 };
 
 // "" if params follow the rules, else a message that starts with the offending field's name ("chunk: ...")
