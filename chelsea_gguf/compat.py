@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from chelsea_gguf import cluster
+from chelsea_gguf import cluster, lookahead
 from chelsea_gguf._lib import ffi, lib, library_dir, take_back_log
 
 __all__ = ["LLAMA_CPP_PYTHON_VERSION", "CompatError", "install", "set_cluster_defaults", "kv_cluster_stats",
@@ -165,6 +165,7 @@ def _patch_llama_class(cls: type) -> None:
     stock_init = cls.__init__
     stock_n_ctx = cls.n_ctx
     stock_getstate = cls.__getstate__
+    stock_eval = cls.eval
 
     @functools.wraps(stock_init)
     def __init__(self: Any, model_path: str, *args: Any, **kwargs: Any) -> None:
@@ -204,6 +205,21 @@ def _patch_llama_class(cls: type) -> None:
 
     n_ctx.__doc__ = "Return the context window size (with kv_cluster: the logical context, more than the cells)."
 
+    @functools.wraps(stock_eval)
+    def eval(self: Any, tokens: Any) -> None:
+        # as chelsea_gguf.Llama.eval: a prompt that must be merged while it is fed is read at its end first; not
+        # with logits_all, whose prompt logits (logprobs) must not see what comes after them
+        options = getattr(self, "kv_cluster_options", None)
+        ctx = _context_pointer(self) if options is not None and not self._logits_all else None
+        if ctx is not None:
+            lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), -1, self.n_tokens, -1)   # as stock eval does first
+        read = ctx is not None and lookahead.read_ahead(ctx, options, list(tokens), self.n_tokens, self.n_batch)
+        try:
+            stock_eval(self, tokens)
+        finally:
+            if read:
+                lookahead.drop(ctx)
+
     def __getstate__(self: Any) -> dict[str, Any]:
         state = stock_getstate(self)
         if getattr(self, "kv_cluster_options", None) is not None:
@@ -214,6 +230,7 @@ def _patch_llama_class(cls: type) -> None:
     cls.__init__ = __init__
     cls.n_ctx = n_ctx
     cls.__getstate__ = __getstate__
+    cls.eval = eval
     cls.kv_cluster_stats = kv_cluster_stats
     cls._chelsea_patched = True
 

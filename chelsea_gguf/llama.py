@@ -13,7 +13,7 @@ from typing import Any, Union
 
 from chelsea_gguf import _lib
 from chelsea_gguf._lib import ffi, lib
-from chelsea_gguf import cluster, rpc
+from chelsea_gguf import cluster, lookahead, rpc
 from chelsea_gguf.chat import format_chat_prompt
 from chelsea_gguf.kv import KVStats, read_kv_stats
 from chelsea_gguf.kv_memory import KVLayout, KVMemoryPlan, measure_kv_layout, parse_memory_size, plan_for_budget
@@ -466,31 +466,16 @@ class Llama:
         return lib.llama_decode(self._ctx, batch)
 
     def read_ahead(self, tokens: Sequence[int], base: int) -> bool:
-        """Before prompt tokens that clustering must merge while they are fed at positions base...: decode their
-        last attn_window tokens (after their first, the BOS, when base is 0), keep those queries for the merges
-        (turned to where the prompt has them) and take their cells back. A prompt usually ends with what it asks;
-        without this, the merges made before its end is read cannot know it. True if the queries are kept: they
-        are dropped once the prompt reaches them (or by drop_read_ahead). ``eval`` calls it."""
-        options = self.kv_cluster_options
-        if options is None or not options.lookahead or options.attn_weight <= 0:
-            return False
-        window = options.attn_window
-        head = list(tokens[:1]) if base == 0 else []
-        ahead = head + list(tokens[-window:])
-        if len(tokens) <= len(ahead) or len(ahead) > self.n_batch:
-            return False
-        if cluster.read_stats(self._ctx).cells + len(tokens) <= self.n_cells():
-            return False   # it fits: the compression after it reads the prompt's own end
-        kept = self._decode(ahead, base, logits_last=False) == 0 and \
-            lib.chelsea_kv_cluster_read_ahead(self._ctx, 0, base + len(tokens) - window) > 0
-        if not lib.llama_memory_seq_rm(lib.llama_get_memory(self._ctx), 0, base, -1):
-            raise RuntimeError(f"could not take back the {len(ahead)} tokens read ahead of the prompt at position {base}")
-        return kept
+        """Before prompt tokens fed at positions base... that clustering must merge while they are fed: read their
+        end first, so that those merges keep what it asks for (``chelsea_gguf.lookahead``). True if its queries are
+        kept (until the prompt reaches them, or ``drop_read_ahead``). ``eval`` calls it."""
+        self._require_open()
+        return lookahead.read_ahead(self._ctx, self.kv_cluster_options, tokens, base, self.n_batch)
 
     def drop_read_ahead(self) -> None:
         """Forget the queries read_ahead kept (a prompt fed to its end drops them by itself)."""
         if self.kv_cluster_options is not None:
-            lib.chelsea_kv_cluster_read_ahead(self._ctx, 0, -1)
+            lookahead.drop(self._ctx)
 
     # ------------------------------------------------------------------ completion
 

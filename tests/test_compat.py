@@ -144,6 +144,31 @@ def test_prompt_cache_reuse_matches_a_fresh_context(model_path: Path, clustered)
         fresh_llm.close()
 
 
+def test_a_prompt_that_must_merge_is_read_at_its_end_first(model_path: Path) -> None:
+    """The drop-in reads a prompt's end first as chelsea_gguf.Llama does (kv_cluster_lookahead): the same merges,
+    and other ones than without it."""
+    from chelsea_gguf import Llama
+    from chelsea_gguf.cluster import cluster_sizes
+
+    from test_merge_ranking import varied_text
+
+    options = dict(kv_cluster=True, kv_cluster_ratio=0.25, kv_cluster_attn_window=8, n_threads=2, n_batch=512)
+    with Llama(str(model_path), n_ctx=64, verbose=False) as tok:
+        tokens = tok.tokenize(varied_text(60))[:1100] + tok.tokenize(" Question: what was near the harbour?",
+                                                                     add_bos=False)
+    n_ctx = len(tokens) + 16   # the prompt fills it: room for its chunks is made by merging
+    with Llama(str(model_path), n_ctx=n_ctx, verbose=False, **options) as ours:
+        ours.eval(tokens)
+        expected = cluster_sizes(ours.ctx, 0, ours.kv_cluster_stats()["cells"])
+    merged = {}
+    for lookahead in (True, False):
+        llm = make(model_path, n_ctx=n_ctx, kv_cluster_lookahead=lookahead, **options)
+        llm.eval(tokens)
+        merged[lookahead] = cluster_sizes(compat._context_pointer(llm), 0, llm.kv_cluster_stats()["cells"])
+        llm.close()
+    assert merged[True] == expected and merged[False] != expected
+
+
 def test_reset_starts_over(clustered) -> None:
     clustered.reset()
     a = text(clustered(PROMPT, max_tokens=6, temperature=0.0))
