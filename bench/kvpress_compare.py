@@ -3,7 +3,7 @@
 Needs the optional extra (torch, transformers, kvpress, gguf), best in a venv of its own; the tests never do.
 
     # 1. system python (chelsea_gguf built): the items, tokenized by llama.cpp, and Chelsea's answers
-    python3 bench/kvpress_compare.py --export-tokens /tmp/kvpress_items.json [--quick] [--lengths 1536,2560]
+    python3 bench/kvpress_compare.py --export-tokens /tmp/kvpress_items.json [--quick] [--lengths 1536,2560] [--depths 0.1,0.5]
     python3 bench/kvpress_compare.py --chelsea --tokens /tmp/kvpress_items.json [--ratios 0.25,0.2]
     # 2. the venv with the extra: the same token ids through kvpress
     #    (the compare extra's list; ``pip install -e ".[compare]"`` would also build llama.cpp, not needed here)
@@ -11,7 +11,7 @@ Needs the optional extra (torch, transformers, kvpress, gguf), best in a venv of
     /work/venv-compare/bin/pip install torch==2.13.0 "transformers>=5.2,<5.3" kvpress==0.5.5 gguf numpy
     /work/venv-compare/bin/python bench/kvpress_compare.py --tokens /tmp/kvpress_items.json [--presses ...]
     # 3. the table of both (also written at the end of 1 and 2)
-    python3 bench/kvpress_compare.py --report
+    python3 bench/kvpress_compare.py --report [--out bench/results/X.json [--merge bench/results/X_kvzip.json]]
 
 Plain completion on both sides, no chat template (kvpress's own pipeline wraps the prompt in it, where even
 the full cache of SmolLM2-135M answers nothing): the context's tokens go through one forward pass inside
@@ -89,12 +89,17 @@ def parse_lengths(s: str | None) -> list[int] | None:
     return [int(x) for x in s.split(",")] if s else None
 
 
-def build_items(count_tokens, lengths: list[int] | None, quick: bool) -> list[Any]:
+def parse_depths(s: str | None) -> list[float] | None:
+    return [float(x) for x in s.split(",")] if s else None
+
+
+def build_items(count_tokens, lengths: list[int] | None, quick: bool, depths: list[float] | None = None) -> list[Any]:
     import haystacks
+    kw: dict[str, Any] = {"depths": depths} if depths else {}
     if lengths is None:
-        return list(haystacks.build_items(count_tokens, quick=quick) if _has_default_lengths(haystacks)
-                    else haystacks.build_items(count_tokens, LENGTHS, quick=quick))
-    return list(haystacks.build_items(count_tokens, lengths, quick=quick))
+        return list(haystacks.build_items(count_tokens, quick=quick, **kw) if _has_default_lengths(haystacks)
+                    else haystacks.build_items(count_tokens, LENGTHS, quick=quick, **kw))
+    return list(haystacks.build_items(count_tokens, lengths, quick=quick, **kw))
 
 
 def _has_default_lengths(mod: Any) -> bool:
@@ -186,7 +191,7 @@ def export_tokens(args: argparse.Namespace) -> int:
     llm = Llama(str(path), n_ctx=16, n_threads=1, verbose=False)
     def tok(text: str) -> list[int]:
         return llm.tokenize(text)
-    items = build_items(lambda t: len(tok(t)), parse_lengths(args.lengths), args.quick)
+    items = build_items(lambda t: len(tok(t)), parse_lengths(args.lengths), args.quick, parse_depths(args.depths))
     records = tokenized(items, tok)
     meta = provenance(" ".join(["python3", "bench/kvpress_compare.py"] + sys.argv[1:]), model=MODEL_NAME,
                       gguf=str(path), tokenizer="llama.cpp (chelsea_gguf.Llama.tokenize, add_bos as the GGUF says)")
@@ -196,35 +201,50 @@ def export_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+# Chelsea's rows by protocol: "compress-then-ask" is kvpress's (the context compressed before the question is
+# read); "in-prompt" is a completion call's (context and question one prompt: the compression knows the question)
+CHELSEA_LABELS = {"compress-then-ask": "Chelsea", "in-prompt": "Chelsea, question in the prompt"}
+
+
 def run_chelsea(args: argparse.Namespace) -> int:
     """Full cache and Chelsea at each kept share on llama.cpp, on the exported token ids."""
     from common import FULL, chelsea, new_session, open_method
     data = load_tokens(Path(args.tokens))
     records = select(spread(data["items"]), args.limit)
     ratios = [float(r) for r in args.ratios.split(",")]
-    methods = [FULL] + [chelsea(r) for r in ratios]
+    from scoring_ablation import chelsea_with
+    methods = ([] if args.no_full else [FULL]) + [chelsea_with(r, args.config) if args.config else chelsea(r)
+                                                  for r in ratios]
     rows: list[dict[str, Any]] = []
     out = Path(args.out).with_name(Path(args.out).stem + ".chelsea.json") if args.out else RESULTS / "kvpress_compare.chelsea.json"
     t_start = time.time()
     meta = provenance(" ".join(["python3", "bench/kvpress_compare.py"] + sys.argv[1:]), model=MODEL_NAME,
                       tokens_file=args.tokens, tokens_meta=data["meta"], threads=args.threads, n_gen=args.max_new_tokens,
-                      ratios=ratios, side="llama.cpp (this project)")
+                      ratios=ratios, side="llama.cpp (this project)", protocol=args.protocol, n_ctx=args.ctx,
+                      config=args.config)
+    label = CHELSEA_LABELS[args.protocol] + (f" ({args.config})" if args.config else "")
     for rec in records:
         item = make_item(rec["fields"])
         ids = rec["context_ids"] + rec["question_ids"]
         for m in methods:
-            n_ctx = len(ids) + args.max_new_tokens + 16
+            n_ctx = args.ctx or len(ids) + args.max_new_tokens + 16
             t0 = time.perf_counter()
             with open_method(m, n_ctx, n_threads=args.threads) as llm:
                 with new_session(llm, m, n_ctx) as s:
                     t1 = time.perf_counter()
-                    gen = s.greedy(ids, args.max_new_tokens)
+                    if args.protocol == "compress-then-ask":
+                        # as kvpress: the context alone is read and compressed, then the question is read
+                        s.feed(rec["context_ids"])
+                        s.settle()
+                        gen = s.greedy(rec["question_ids"], args.max_new_tokens)
+                    else:
+                        gen = s.greedy(ids, args.max_new_tokens)
                     cells = s.cells_used()
                 text = llm.detokenize(gen).decode("utf-8", errors="replace")
             t2 = time.perf_counter()
-            rows.append(row_for(rec, "full" if m.kind == "full" else "Chelsea", m.ratio, item.correct(text), text,
+            rows.append(row_for(rec, "full" if m.kind == "full" else label, m.ratio, item.correct(text), text,
                                 {"seconds": round(t2 - t1, 3), "seconds_with_load": round(t2 - t0, 3),
-                                 "cells_held": cells}))
+                                 "cells_held": cells, "protocol": args.protocol}))
             print(json.dumps(rows[-1]), flush=True)
         meta["wall_s"] = round(time.time() - t_start, 1)
         write_json(out, {"meta": meta, "rows": rows})
@@ -467,7 +487,8 @@ def run_kvpress(args: argparse.Namespace) -> int:
         records, tok_meta = data["items"], data["meta"]
         tokenizer_used = tok_meta.get("tokenizer", "llama.cpp")
     else:
-        items = build_items(lambda t: len(hf_tokenize(t)), parse_lengths(args.lengths), args.quick)
+        items = build_items(lambda t: len(hf_tokenize(t)), parse_lengths(args.lengths), args.quick,
+                            parse_depths(args.depths))
         records, tok_meta = tokenized(items, hf_tokenize), None
         tokenizer_used = "HF tokenizer of the GGUF (no --tokens file: llama.cpp not consulted)"
     # the same ids token for token: the HF tokenizer of the GGUF against the ids fed (llama.cpp's when --tokens),
@@ -545,10 +566,9 @@ def summarize(rows: list[dict[str, Any]], side: str, common_ids: set[str] | None
         if common_ids is not None and r["item_id"] not in common_ids:
             continue
         by[(r["method"], r["keep"])].append(r)
-    full_prompt = None
     key_t = "prompt_s" if side == "kvpress" else "seconds"
-    if ("full", 1.0) in by:
-        full_prompt = sum(r[key_t] for r in by[("full", 1.0)]) / len(by[("full", 1.0)])
+    # against the full cache on the same items (a press run on fewer items is set against those)
+    full_t = {r["item_id"]: r[key_t] for r in by.get(("full", 1.0), [])}
     out = []
     for (method, keep), rs in by.items():
         s: dict[str, Any] = {"side": side, "method": method, "keep": keep, "n": len(rs),
@@ -566,7 +586,8 @@ def summarize(rows: list[dict[str, Any]], side: str, common_ids: set[str] | None
         s["hays"] = {k: (sum(v), len(v)) for k, v in hays.items()}
         s["seconds"] = sum(r["seconds"] for r in rs) / len(rs)
         s["prompt_s"] = sum(r[key_t] for r in rs) / len(rs)
-        s["prompt_vs_full"] = s["prompt_s"] / full_prompt if full_prompt else None
+        paired = [(r[key_t], full_t[r["item_id"]]) for r in rs if r["item_id"] in full_t]
+        s["prompt_vs_full"] = sum(a for a, _ in paired) / sum(b for _, b in paired) if paired else None
         out.append(s)
     return out
 
@@ -592,10 +613,18 @@ def retrieval_rows(path: Path) -> dict[str, Any] | None:
     return {"meta": meta, "rows": rows} if rows else None
 
 
-def write_report(kv_path: Path = RESULTS / "kvpress_compare.json") -> Path:
-    """The table of both sides: kv_path (kvpress rows) and the Chelsea rows beside it."""
+def write_report(kv_path: Path = RESULTS / "kvpress_compare.json", merge: list[Path] | None = None) -> Path:
+    """The table of both sides: kv_path (kvpress rows, with those of `merge` that it lacks: another run's
+    presses on the same items) and the Chelsea rows beside it."""
     ch_path = kv_path.with_name(kv_path.stem + ".chelsea.json")
     kv = json.loads(kv_path.read_text()) if kv_path.exists() else None
+    merged = [(p, json.loads(p.read_text())) for p in merge or [] if p.exists()]
+    if kv:
+        have = {(r["method"], r["keep"], r["item_id"]) for r in kv["rows"]}
+        for _, other in merged:
+            new = [r for r in other["rows"] if (r["method"], r["keep"], r["item_id"]) not in have]
+            have |= {(r["method"], r["keep"], r["item_id"]) for r in new}
+            kv["rows"] += new
     ch = json.loads(ch_path.read_text()) if ch_path.exists() else None
     if ch is None:
         ch = retrieval_rows(kv_path.parent / "retrieval.json")
@@ -619,6 +648,9 @@ def write_report(kv_path: Path = RESULTS / "kvpress_compare.json") -> Path:
                   + (f" (where not, it splits digits after spaces or newlines differently: {', '.join(tc['mismatched'][:4])}"
                      f"{', ...' if len(tc['mismatched']) > 4 else ''}); both sides are fed llama.cpp's ids." if tc.get("mismatched")
                      else ".")]
+        lines += [f"Merged from {p.name}: {', '.join(o['meta'].get('presses', []))}, {o['meta'].get('items_done')} of "
+                  f"{o['meta'].get('items_selected')} items in {o['meta'].get('wall_s')} s, {o['meta'].get('date')}."
+                  for p, o in merged]
     if ch:
         m = ch["meta"]
         lines += [f"llama.cpp side ({m.get('source', 'kvpress_compare.chelsea.json')}): commit {m.get('commit')}, "
@@ -656,13 +688,26 @@ def main() -> int:
     ap.add_argument("--export-tokens", metavar="FILE", help="system python: write the items and llama.cpp's token ids")
     ap.add_argument("--tokens", metavar="FILE", help="read items and token ids written by --export-tokens")
     ap.add_argument("--chelsea", action="store_true", help="system python: full cache and Chelsea on llama.cpp")
-    ap.add_argument("--report", action="store_true", help="only rewrite kvpress_compare.md from the JSON results")
+    ap.add_argument("--report", action="store_true",
+                    help="only rewrite the table (--out's .md, default kvpress_compare.md) from the JSON results")
+    ap.add_argument("--merge", metavar="FILES", help="with --report: comma-separated JSON of other kvpress runs on "
+                                                     "the same items, their rows that --out lacks added (e.g. KVzip)")
     ap.add_argument("--ratios", default="0.25,0.2", help="kept shares (kvpress compression_ratio = 1 - keep)")
     ap.add_argument("--presses", default=DEFAULT_PRESSES, help=f"comma-separated, of {', '.join(PRESSES)}")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--limit", type=int, help="the first N items (spread over lengths and needle kinds)")
     ap.add_argument("--lengths", help="comma-separated context lengths in tokens (haystacks.build_items)")
+    ap.add_argument("--depths", help="comma-separated needle depths, 0-1 (haystacks.build_items; default its DEPTHS); "
+                                     "scoring_ablation.py's 63 items: --lengths 1024,1536,2048 "
+                                     "--depths 0.05,0.15,0.3,0.45,0.6,0.75,0.9")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--protocol", choices=sorted(CHELSEA_LABELS), default="compress-then-ask",
+                    help="--chelsea: compress the context before the question is read (as kvpress), or feed both as "
+                         "one prompt")
+    ap.add_argument("--config", help="--chelsea: clustering options as scoring_ablation.py takes them (attn=0,...)")
+    ap.add_argument("--no-full", action="store_true", help="--chelsea: leave out the full cache (already run)")
+    ap.add_argument("--ctx", type=int, help="--chelsea: one logical context size for every item (e.g. 16384: the "
+                    "context is read whole before it is compressed, as kvpress does), instead of one sized to each")
     ap.add_argument("--max-new-tokens", type=int, default=N_GEN)
     ap.add_argument("--separate-prefill", action="store_true",
                     help="a prefill per scorer press inside its own press(model), as kvpress's pipeline (slower)")
@@ -670,7 +715,8 @@ def main() -> int:
     ap.add_argument("--out", help="kvpress rows to this JSON (default bench/results/kvpress_compare.json)")
     args = ap.parse_args()
     if args.report:
-        write_report(Path(args.out) if args.out else RESULTS / "kvpress_compare.json")
+        write_report(Path(args.out) if args.out else RESULTS / "kvpress_compare.json",
+                     [Path(p) for p in args.merge.split(",")] if args.merge else None)
         return 0
     if args.export_tokens:
         return export_tokens(args)

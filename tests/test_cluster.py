@@ -45,8 +45,12 @@ def compressed_once(model_path: Path) -> Iterator[tuple[Llama, LlamaState]]:
     and its saved state."""
     llm = Llama(str(model_path), n_ctx=4096, verbose=False, kv_cluster=True, kv_cluster_ratio=0.2,
                 kv_cluster_interval=8, kv_cluster_chunk=32)
-    prompt = "Notes on the weather. " + FILLER * 60
-    llm(prompt, max_tokens=120, temperature=0.7, seed=3)
+    llm.eval(llm.tokenize("Notes on the weather. " + FILLER * 60))
+    lib.chelsea_kv_cluster_compress(llm.ctx, 0)   # as generation starts
+    # then 120 steps of one token, as generation feeds them, of a fixed text: a sampled one can end early at an
+    # end-of-generation token (after 48 on one CPU, where another sampled all 120)
+    for token in llm.tokenize(FILLER * 10, add_bos=False)[:120]:
+        llm.eval([token])
     yield llm, llm.save_state()
     llm.close()
 
@@ -281,8 +285,10 @@ def test_word_needles_in_varied_text_survive_clustering(model_path: Path) -> Non
     """Varied text, not repeated filler (bench/haystacks.py: license prose, generated sentences, stdlib code): a
     secret word at 15/50/85% of ~1.5k-token prompts, the default ratio and ranking. The haystacks come from files of
     the machine (Debian's licenses, the stdlib), so the set differs a little between machines: measured (greedy),
-    the full cache found 6 of 9 on one and 5 on another, the clustered cache all but one of those; a second loss
-    fails."""
+    the full cache found 6 of 9 on one and 5 on another, the clustered cache all but one of those. These prompts
+    do not fit their cells, so the prompt's end is read first (kv_cluster_lookahead, the default since
+    2026-12-06), which on SmolLM2 trades words for numbers (bench/results/scoring_ablation.md: words 13 against 16
+    of 21, numbers 18 against 9): it lost 2 of 6 here. A third loss fails."""
     results = {}
     for name, kw in {"full": {}, "clustered": {"kv_cluster": True}}.items():
         with Llama(str(model_path), n_ctx=2048, verbose=False, **kw) as llm:
@@ -298,7 +304,7 @@ def test_word_needles_in_varied_text_survive_clustering(model_path: Path) -> Non
     found = [i for i, ok in results["full"].items() if ok]
     lost = [i for i in found if not results["clustered"][i]]
     assert len(found) >= 5, results
-    assert len(lost) <= 1, f"clustering lost {lost}: {results}"
+    assert len(lost) <= 2, f"clustering lost {lost}: {results}"
 
 
 @pytest.mark.slow
@@ -314,7 +320,9 @@ def test_quantized_cache_clusters_and_still_retrieves(model_path: Path) -> None:
                 answer = llm(p.prompt, max_tokens=8, temperature=0.0)["choices"][0]["text"]
                 assert p.retrieved(answer), (kv_type, depth, answer)
             assert llm.kv_cluster_stats()["passes"] > 0
-            sizes[kv_type] = llm.kv_stats().buffer_bytes
+            # K and V: the f32 query windows of the attention score beside them stay the same size
+            kv = llm.kv_stats()
+            sizes[kv_type] = kv.k_bytes + kv.v_bytes
     assert sizes["q8_0"] < 0.6 * sizes["f16"]
 
 
