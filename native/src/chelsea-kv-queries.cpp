@@ -3,7 +3,9 @@
 // compression to budget at the first generated token runs before any of it is answered: the attention those queries
 // pay a cell says whether the answer needs it. The attention graph of a chunk copies its last queries into the
 // window (chelsea_keep_queries); apply() of the same ubatch counts them (chelsea_note_ubatch), so that a reused graph
-// and a rebuilt one keep the same books.
+// and a rebuilt one keep the same books. A prompt that must be merged while it is fed can have its end read first
+// (params.lookahead): chelsea_read_ahead turns those queries to where the prompt has them into a second window, which
+// the room made for the prompt's chunks reads until the prompt gets there.
 
 #include "chelsea-kv.h"
 
