@@ -83,7 +83,7 @@ struct chelsea_kv_cluster_params {
     float   attn_weight;     // >= 0: a pair's score is lowered by this times tanh(a/4) of its more attended cell, where
                              // a is the attention the sequence's last prompt queries (a prompt's question) pay the
                              // cell, as a multiple of a uniform share of the mergeable region (SnapKV's signal, read
-                             // when the cache is compressed); default 1; 0: off, and no queries are kept
+                             // when the cache is compressed); default 0.25; 0: off, and no queries are kept
     int32_t attn_window;     // the last queries of a sequence's prompt chunks kept for attn_weight, 1 .. 512
     bool    lookahead;       // with attn_weight: keep a second window for the queries of a prompt's end read ahead of
                              // the prompt (chelsea_kv_cluster_read_ahead), which the room made for the prompt's chunks

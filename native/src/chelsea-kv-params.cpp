@@ -87,7 +87,7 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.distinct_weight = 1.0f;
     p.size_weight     = 0.0f;
     p.value_weight    = 0.0f;
-    p.attn_weight     = 1.0f;
+    p.attn_weight     = 0.25f;
     p.attn_window     = 32;
     p.lookahead       = true;
     return p;
