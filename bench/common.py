@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from chelsea_gguf import Llama
 
@@ -78,6 +78,22 @@ def amend_json(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], out:
     data["rows"] = [r for r in data["rows"] if r["method"] not in new] + rows
     data["meta"].setdefault("amended", []).append({**meta, "methods": sorted(new)})
     return write_json(name, data, out)
+
+
+def write_run(stem: str, meta: dict[str, Any], rows: list[dict[str, Any]], table: str) -> Path:
+    """A run's JSON and its markdown table under bench/results (called after every step, so that an interrupted
+    run keeps what it measured); returns the JSON's path."""
+    path = write_json(stem, {"meta": meta, "rows": rows})
+    (RESULTS / f"{stem}.md").write_text(table)
+    return path
+
+
+def print_plot(plot: Callable[[Path], Path], results: Path) -> None:
+    """Prints the plot `plot` draws from `results`, or why there is none: matplotlib is the bench extra."""
+    try:
+        print(plot(results))
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'): no plot")
 
 
 def write_json(name: str, data: dict[str, Any], out: Path = RESULTS) -> Path:

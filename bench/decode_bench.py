@@ -31,7 +31,7 @@ from typing import Any
 from chelsea_gguf import Llama
 from chelsea_gguf.sampling import SamplingParams
 
-from common import FULL, N_BATCH, RESULTS, Method, chelsea, full_quantized, document_tokens, provenance, write_json
+from common import FULL, N_BATCH, Method, chelsea, full_quantized, document_tokens, print_plot, provenance, write_run
 
 CONFIGS: dict[str, Method] = {m.name: m for m in [
     FULL, full_quantized("q8_0"), full_quantized("q4_0"),
@@ -249,19 +249,20 @@ def main() -> int:
                               threads=args.threads, n_gen=args.n_gen, reps=args.reps, configs=configs,
                               depths_done=sorted({r["depth"] for r in rows}),
                               n_ctx=context_size(depths, args.n_gen, args.reps), wall_s=round(time.time() - t0, 1))
-            path = write_json(stem, {"meta": meta, "rows": rows})
-            (RESULTS / f"{stem}.md").write_text(markdown(rows, meta))
+            path = write_run(stem, meta, rows, markdown(rows, meta))
     finally:
         for p in procs:
             p.close()
     print(markdown(rows, meta))
-    try:
-        from plot_decode import plot
-    except ImportError:
-        print("matplotlib not installed (pip install -e '.[bench]'): no plot")
-    else:
-        print(plot(path))
+    print_plot(plot, path)
     return 0
+
+
+def plot(results: Path) -> Path:
+    """plot_decode's plot, imported when asked for: it needs matplotlib."""
+    from plot_decode import plot as plot_decode
+
+    return plot_decode(results)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ from chelsea_gguf import Llama
 from chelsea_gguf.cluster import read_stats
 from chelsea_gguf.sampling import SamplingParams
 
-from common import FULL, N_BATCH, RESULTS, Method, chelsea, document_tokens, full_quantized, provenance, write_json
+from common import FULL, N_BATCH, Method, chelsea, document_tokens, full_quantized, print_plot, provenance, write_run
 from decode_bench import ConfigProcess, model_path
 
 CHELSEA = chelsea(0.2)
@@ -405,18 +405,12 @@ def main() -> int:
                               limit_cells="prompt = chelsea R=0.2's clustered-cache cells averaged over every "
                                           "generated token of its round-0 answer, less (n_gen - 1) / 2",
                               wall_s=round(time.time() - t0, 1))
-            path = write_json(stem, {"meta": meta, "rows": rows})
-            (RESULTS / f"{stem}.md").write_text(markdown(rows, meta))
+            path = write_run(stem, meta, rows, markdown(rows, meta))
     finally:
         for p in procs.values():
             p.close()
     print(markdown(rows, meta))
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        print("matplotlib not installed (pip install -e '.[bench]'): no plot")
-    else:
-        print(plot(path))
+    print_plot(plot, path)
     return 0
 
 
