@@ -93,16 +93,21 @@ class Worker:
         return out
 
     def serve(self) -> None:
-        """One JSON command per stdin line ({"cmd": "feed", "depth": N} | burst | stats | exit), one JSON reply
-        per stdout line; the first line says it is ready."""
-        print(json.dumps({"ready": self.config}), flush=True)
-        for line in sys.stdin:
-            msg = json.loads(line)
-            cmd = msg.pop("cmd")
-            if cmd == "exit":
-                break
-            print(json.dumps(getattr(self, cmd)(**msg)), flush=True)
+        """Commands feed (with depth), burst and stats, as serve_commands reads them."""
+        serve_commands(self, self.config)
         self.llm.close()
+
+
+def serve_commands(worker: Any, config: str) -> None:
+    """One JSON command per stdin line ({"cmd": NAME, ...keywords} calls worker.NAME(...); "exit" ends), one JSON
+    reply per stdout line; the first line says the worker of `config` is ready (what ConfigProcess reads)."""
+    print(json.dumps({"ready": config}), flush=True)
+    for line in sys.stdin:
+        msg = json.loads(line)
+        cmd = msg.pop("cmd")
+        if cmd == "exit":
+            break
+        print(json.dumps(getattr(worker, cmd)(**msg)), flush=True)
 
 
 def _drain(gen: Any, llm: Llama) -> float:
@@ -115,10 +120,13 @@ class ConfigProcess:
     """The parent's handle on one configuration's worker process."""
 
     def __init__(self, config: str, depths: list[int], args: argparse.Namespace) -> None:
+        self.start(config, [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--depths",
+                            ",".join(map(str, depths)), "--n-gen", str(args.n_gen), "--reps", str(args.reps),
+                            "--model", args.model, "--threads", str(args.threads)])
+
+    def start(self, config: str, cmd: list[str]) -> None:
+        """Starts the worker command `cmd` serving `config` and waits until it is ready."""
         self.config = config
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--depths",
-               ",".join(map(str, depths)), "--n-gen", str(args.n_gen), "--reps", str(args.reps), "--model",
-               args.model, "--threads", str(args.threads)]
         # stderr to a file: a pipe nobody reads during a long run could fill and stall the worker
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)

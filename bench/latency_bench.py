@@ -42,9 +42,7 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -54,7 +52,7 @@ from chelsea_gguf.cluster import read_stats
 from chelsea_gguf.sampling import SamplingParams
 
 from common import FULL, N_BATCH, Method, chelsea, document_tokens, full_quantized, print_plot, provenance, write_run
-from decode_bench import ConfigProcess, model_path
+from decode_bench import ConfigProcess, model_path, serve_commands
 
 CHELSEA = chelsea(0.2)
 LIMIT = "limit"
@@ -109,15 +107,8 @@ class Worker:
         return out
 
     def serve(self) -> None:
-        """One JSON command per stdin line ({"cmd": "run", "depth": N} | open | exit), one JSON reply per stdout
-        line; the first line says it is ready (decode_bench's protocol, which ConfigProcess speaks)."""
-        print(json.dumps({"ready": self.config}), flush=True)
-        for line in sys.stdin:
-            msg = json.loads(line)
-            cmd = msg.pop("cmd")
-            if cmd == "exit":
-                break
-            print(json.dumps(getattr(self, cmd)(**msg)), flush=True)
+        """Commands run and open (with depth), as decode_bench's serve_commands reads them."""
+        serve_commands(self, self.config)
         if self.llm is not None:
             self.llm.close()
 
@@ -191,13 +182,8 @@ class LatencyProcess(ConfigProcess):
 
     def __init__(self, config: str, args: argparse.Namespace) -> None:
         # not super().__init__, which starts decode_bench's own worker
-        self.config = config
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--model", args.model,
-               "--threads", str(args.threads), "--n-gen", str(args.n_gen)]
-        # stderr to a file: a pipe nobody reads during a long run could fill and stall the worker
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.reply("start")
+        self.start(config, [sys.executable, str(Path(__file__).resolve()), "--worker", config, "--model", args.model,
+                            "--threads", str(args.threads), "--n-gen", str(args.n_gen)])
 
 
 def round_order(configs: list[str], r: int) -> list[str]:
