@@ -15,6 +15,9 @@ void ggml_compute_forward_chelsea_merge(const struct ggml_compute_params * param
 
 bool ggml_chelsea_cpu_supports_op(const struct ggml_tensor * op);
 
+// bytes of params->wdata the op needs with n_tasks threads (ggml_graph_plan)
+size_t ggml_chelsea_cpu_work_size(const struct ggml_tensor * op, int n_tasks);
+
 #ifdef __cplusplus
 }
 #endif
