@@ -18,6 +18,7 @@
 #include "llama-kv-cache.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <map>
 #include <vector>
@@ -142,19 +143,22 @@ private:
 };
 
 // (1 - cos(key, the head's mean key))/2 per cell and head, [n, n_head] (cells along ne0): KeyDiff's distinctiveness,
-// with the mean taken over the normalized keys of all n cells of the sequence, as kvpress's KeyDiffPress does
-ggml_tensor * key_distinctiveness(ggml_context * ctx, ggml_tensor * k, int64_t n_head, uint32_t n) {
-    const int64_t head_dim = k->ne[0]/n_head;
-    ggml_tensor * kf = k->type == GGML_TYPE_F32 ? ggml_cont(ctx, k) : ggml_cast(ctx, k, GGML_TYPE_F32);
+// with the mean taken over the normalized keys of all n cells of the sequence, as kvpress's KeyDiffPress does.
+// kf: the keys in f32, [n_embd_k, n]
+ggml_tensor * key_distinctiveness(ggml_context * ctx, ggml_tensor * kf, int64_t n_head, uint32_t n) {
+    const int64_t head_dim = kf->ne[0]/n_head;
     // rms-normalized rows have norm sqrt(head_dim): their dot product is head_dim * cos
     ggml_tensor * kn = ggml_rms_norm(ctx, ggml_reshape_3d(ctx, kf, head_dim, n_head, n), 1e-6f);
     // the sum over cells points where the mean does, and the norm below drops the length: repeat_back sums over the
     // cells without moving them to ne0 first
     ggml_tensor * shape = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, head_dim, n_head, 1);
     ggml_tensor * mean = ggml_rms_norm(ctx, ggml_repeat_back(ctx, kn, shape), 1e-6f);
-    ggml_tensor * dot = ggml_sum_rows(ctx, ggml_mul(ctx, kn, mean));                      // [1, n_head, n]
+    // per head, the mean against every cell: a matrix-vector product (a sum over rows of 64 would add in doubles,
+    // one element at a time), with the cells along ne0 as the result needs them
+    ggml_tensor * dot = ggml_mul_mat(ctx, ggml_permute(ctx, mean, 0, 2, 1, 3),
+            ggml_permute(ctx, kn, 0, 2, 1, 3));                                          // [1, n, n_head]
     ggml_tensor * d = ggml_scale_bias(ctx, dot, -0.5f/(float) head_dim, 0.5f);
-    return ggml_cont(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, d, n_head, n)));
+    return ggml_reshape_2d(ctx, d, n, n_head);
 }
 
 // (1 - cos(value of A, value of the B cell it matched))/2 per region cell and KV head, [n_region, n_head]: how much
@@ -218,8 +222,9 @@ ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, 
     // B cells point at -1: relu makes that 0, a valid row whose value the blend below discards
     ggml_tensor * rows = ggml_cast(ctx, ggml_relu(ctx, index), GGML_TYPE_I32);
     ggml_tensor * penalty = nullptr;
+    ggml_tensor * kf = k->type == GGML_TYPE_F32 ? ggml_cont(ctx, k) : ggml_cast(ctx, k, GGML_TYPE_F32);
     if (p.distinct_weight > 0.0f) {
-        ggml_tensor * d = key_distinctiveness(ctx, k, n_head, pass.n);
+        ggml_tensor * d = key_distinctiveness(ctx, kf, n_head, pass.n);
         ggml_tensor * d_a = ggml_cont(ctx, ggml_view_2d(ctx, d, n_region, n_head, d->nb[1], pass.c0*d->nb[0]));
         penalty = ggml_scale(ctx, pair_max(ctx, d_a, rows), p.distinct_weight);
     }
@@ -350,6 +355,15 @@ bool seq_cells_in_order(const llama_kv_cells & cells, llama_seq_id seq_id, std::
         idx.push_back(cell);
     }
     return shared_first;
+}
+
+// cells one pass removes when `need` more must go and the region has n_cand A cells: the need split evenly over the
+// nearest whole number of passes of pass_fraction of the candidates, so that a compression needing a little more than
+// whole passes does not run one more over every layer for the remainder (a pass costs about the same at any size)
+uint32_t pass_size(uint32_t need, uint32_t n_cand, float pass_fraction) {
+    const uint32_t per_pass = std::max(1u, (uint32_t) (n_cand*pass_fraction));
+    const uint32_t passes   = std::max(1u, (uint32_t) std::lround((double) need/per_pass));
+    return std::min({ (need + passes - 1)/passes, n_cand, need });
 }
 
 // cell metadata after a pass: the region keeps an increasing subsequence of its positions, the recent cells move
@@ -523,8 +537,7 @@ bool llama_kv_cache::chelsea_compress_seq(llama_context * lctx, llama_seq_id seq
         const uint32_t n_region = n - c0 - p.n_recent;
         const uint32_t n_cand   = n_region / 2;
         const chelsea_pass pass = { strm, packed ? std::vector<uint32_t>() : idx, n, c0, n_region,
-                                    std::min(std::max(1u, (uint32_t) (n_cand*p.pass_fraction)), n - target), q_rows,
-                                    q_lookahead };
+                                    pass_size(n - target, n_cand, p.pass_fraction), q_rows, q_lookahead };
         const int64_t nonfinite = chelsea_run_pass(lctx, pass);
         if (nonfinite < 0) {
             LLAMA_LOG_ERROR("%s: seq %d: compression pass failed\n", __func__, seq_id);
