@@ -55,9 +55,8 @@ class ClusterOptions:
     interval: int = _option("interval", "g: while generating, compress once a sequence exceeds its budget by this "
                             "many cells", "--kv-interval")
     max_passes: int = _option("max_passes", "merging passes per compression, at most")
-    pass_fraction: float = _option("pass_fraction", "share of candidate cells one pass merges, in (0, 1]: the "
-                                   "most similar pairs go first; a compression splits what it must remove over the "
-                                   "nearest whole number of such passes")
+    pass_fraction: float = _option("pass_fraction", "share of candidate cells one pass may merge, in (0, 1]: the "
+                                   "most similar pairs go first")
     bias: bool = _option("log_bias", "proportional attention: add log(cluster size) to attention logits",
                          "--kv-no-bias", "do not add log(cluster size) to attention logits")
     match_values: bool = _option("match_values", "pair cells by keys and values (off: by keys alone, as the paper)",

@@ -63,9 +63,8 @@ struct chelsea_kv_cluster_params {
     int32_t n_recent;     // last cells of a sequence that are never merged
     int32_t interval;     // g: compress once a sequence holds more than budget + g cells
     int32_t max_passes;   // passes per compression
-    float   pass_fraction; // share of a pass's candidate (A) cells it merges, in (0, 1]: below 1, a pass
-                           // merges only the most similar pairs and leaves distinct tokens for later. A
-                           // compression splits its need over the nearest whole number of such passes
+    float   pass_fraction; // share of a pass's candidate (A) cells it may merge, in (0, 1]: below 1, a pass
+                           // merges only the most similar pairs and leaves distinct tokens for later
     bool    log_bias;     // add log(cluster size) to attention logits (proportional attention)
     bool    match_values; // score a pair by keys and values, 1 - (1 - cos k)(1 - cos v)/2 (default); false: by
                           // the cosine of the keys alone, as the paper does (see ggml_chelsea_match_kv)

@@ -18,7 +18,6 @@
 #include "llama-kv-cache.h"
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <map>
 #include <vector>
@@ -195,8 +194,16 @@ ggml_tensor * attention_share(ggml_context * ctx, ggml_tensor * k, ggml_tensor *
     ggml_tensor * k3 = ggml_view_3d(ctx, k, head_dim, n_head_kv, pass.n, ggml_row_size(k->type, head_dim), k->nb[1], 0);
     k3 = ggml_permute(ctx, k3, 0, 2, 1, 3);                                                // [head_dim, n, n_head_kv]
     ggml_tensor * q3 = ggml_permute(ctx, ggml_reshape_3d(ctx, q, head_dim, n_head, rows), 0, 2, 1, 3);
-    // Q head h reads KV head h/(n_head/n_head_kv), as attention does: mul_mat broadcasts k3 over q3's heads so
-    ggml_tensor * kq = ggml_soft_max_ext(ctx, ggml_mul_mat(ctx, k3, q3), nullptr, scale, 0.0f); // [n, rows, n_head]
+    // Q head h reads KV head h/(n_head/n_head_kv), as attention does: mul_mat broadcasts k3 over q3's heads so.
+    // ggml's tiled GEMM takes a multiple of 4 cells only (else a dot product per cell and query): the up to 3 cells
+    // past the last multiple go on their own
+    const int64_t n4 = pass.n & ~(int64_t) 3;
+    ggml_tensor * kq = ggml_mul_mat(ctx, n4 > 0 ? ggml_view_3d(ctx, k3, head_dim, n4, n_head_kv, k3->nb[1], k3->nb[2], 0) : k3, q3);
+    if (n4 > 0 && n4 < (int64_t) pass.n) {
+        ggml_tensor * tail = ggml_view_3d(ctx, k3, head_dim, pass.n - n4, n_head_kv, k3->nb[1], k3->nb[2], n4*k3->nb[1]);
+        kq = ggml_concat(ctx, kq, ggml_mul_mat(ctx, tail, q3), 0);
+    }
+    kq = ggml_soft_max_ext(ctx, kq, nullptr, scale, 0.0f);                                 // [n, rows, n_head]
     kq = ggml_reshape_4d(ctx, kq, pass.n, rows, n_head/n_head_kv, n_head_kv);
     ggml_tensor * shape = ggml_new_tensor_4d(ctx, GGML_TYPE_F32, pass.n, 1, 1, n_head_kv);
     ggml_tensor * paid = ggml_reshape_2d(ctx, ggml_repeat_back(ctx, kq, shape), pass.n, n_head_kv);
@@ -355,15 +362,6 @@ bool seq_cells_in_order(const llama_kv_cells & cells, llama_seq_id seq_id, std::
         idx.push_back(cell);
     }
     return shared_first;
-}
-
-// cells one pass removes when `need` more must go and the region has n_cand A cells: the need split evenly over the
-// nearest whole number of passes of pass_fraction of the candidates, so that a compression needing a little more than
-// whole passes does not run one more over every layer for the remainder (a pass costs about the same at any size)
-uint32_t pass_size(uint32_t need, uint32_t n_cand, float pass_fraction) {
-    const uint32_t per_pass = std::max(1u, (uint32_t) (n_cand*pass_fraction));
-    const uint32_t passes   = std::max(1u, (uint32_t) std::lround((double) need/per_pass));
-    return std::min({ (need + passes - 1)/passes, n_cand, need });
 }
 
 // cell metadata after a pass: the region keeps an increasing subsequence of its positions, the recent cells move
@@ -537,7 +535,8 @@ bool llama_kv_cache::chelsea_compress_seq(llama_context * lctx, llama_seq_id seq
         const uint32_t n_region = n - c0 - p.n_recent;
         const uint32_t n_cand   = n_region / 2;
         const chelsea_pass pass = { strm, packed ? std::vector<uint32_t>() : idx, n, c0, n_region,
-                                    pass_size(n - target, n_cand, p.pass_fraction), q_rows, q_lookahead };
+                                    std::min(std::max(1u, (uint32_t) (n_cand*p.pass_fraction)), n - target), q_rows,
+                                    q_lookahead };
         const int64_t nonfinite = chelsea_run_pass(lctx, pass);
         if (nonfinite < 0) {
             LLAMA_LOG_ERROR("%s: seq %d: compression pass failed\n", __func__, seq_id);
