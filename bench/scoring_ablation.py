@@ -67,10 +67,11 @@ def parse_config(text: str) -> dict[str, Any]:
 
 
 def run(ratio: float, config: str, threads: int, full: bool, kinds: list[str] | None = None,
-        n_ctx: int | None = None, model: str = "smollm2") -> Path:
+        n_ctx: int | None = None, model: str = "smollm2", tag: str | None = None) -> Path:
     """Answers every item; with n_ctx, in one context of that logical size (a user's ``--ctx``), opened once,
-    instead of one sized to each prompt."""
-    method = FULL if full else chelsea_with(ratio, config)
+    instead of one sized to each prompt. A tag names a run of the same configuration on other code (its file
+    and its row)."""
+    method = FULL if full else chelsea_with(ratio, config, tag)
     path = model_path(model)
     with FULL.open(64, path, 1) as tok_llm:
         # the whole set first, then the kinds asked for: the same items (and lengths) as in a run of all of them
@@ -85,6 +86,8 @@ def run(ratio: float, config: str, threads: int, full: bool, kinds: list[str] | 
     if n_ctx is not None:
         name += f"_ctx{n_ctx}"
     name += MODELS[model]["suffix"]
+    if tag:
+        name += f"_{tag}"
     meta = provenance("python3 bench/scoring_ablation.py" + " ".join([""] + sys.argv[1:]), model=MODELS[model]["label"],
                       ratio=ratio,
                       config=config, threads=threads, lengths=list(LENGTHS), depths=list(DEPTHS), kinds=kinds,
@@ -112,8 +115,8 @@ def answer_in(method: Method, llm: Llama, n_ctx: int, tokens: list[int], n_gen: 
     return llm.detokenize(out).decode("utf-8", errors="replace"), cells, time.perf_counter() - t0
 
 
-def chelsea_with(ratio: float, config: str) -> Chelsea:
-    return Chelsea(f"chelsea R={ratio:g} {config}", ratio, extra=parse_config(config))
+def chelsea_with(ratio: float, config: str, tag: str | None = None) -> Chelsea:
+    return Chelsea(f"chelsea R={ratio:g} {config}" + (f" ({tag})" if tag else ""), ratio, extra=parse_config(config))
 
 
 def kld(ratio: float, configs: list[str], threads: int) -> Path:
@@ -209,6 +212,7 @@ def main() -> int:
     ap.add_argument("--ctx", type=int, help="answer every item in one context of this logical size (a user's --ctx, "
                                             "e.g. 16384) instead of one sized to each prompt")
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
+    ap.add_argument("--tag", help="name the run apart from an earlier one of the same configuration (other code)")
     ap.add_argument("--kinds", help="only these needle kinds, comma-separated (e.g. number): a first look; the run "
                                     "is recorded under its own name")
     args = ap.parse_args()
@@ -216,7 +220,7 @@ def main() -> int:
         print(kld(args.ratio, args.kld.split(";"), args.threads))
     elif not args.report:
         kinds = None if args.kinds is None else [k.strip() for k in args.kinds.split(",") if k.strip()]
-        print(run(args.ratio, args.config, args.threads, args.full, kinds, args.ctx, args.model))
+        print(run(args.ratio, args.config, args.threads, args.full, kinds, args.ctx, args.model, args.tag))
     print(report().read_text())
     return 0
 
