@@ -119,7 +119,7 @@ def chelsea_with(ratio: float, config: str, tag: str | None = None) -> Chelsea:
     return Chelsea(f"chelsea R={ratio:g} {config}" + (f" ({tag})" if tag else ""), ratio, extra=parse_config(config))
 
 
-def kld(ratio: float, configs: list[str], threads: int) -> Path:
+def kld(ratio: float, configs: list[str], threads: int, tag: str | None = None) -> Path:
     """KLD, top-1 agreement and perplexity of each configuration against the full cache, as quality_kld.py."""
     n, n_score = 3072, 1536
     with FULL.open(16, n_threads=1) as tok_llm:
@@ -130,7 +130,7 @@ def kld(ratio: float, configs: list[str], threads: int) -> Path:
     path = RESULTS / "scoring_ablation_kld.json"
     data = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
     for config in configs:
-        m = chelsea_with(ratio, config)
+        m = chelsea_with(ratio, config, tag)
         lp, cells, secs = method_logprobs(m, tokens, first, threads)
         data["rows"] = [r for r in data["rows"] if r["method"] != m.name]
         data["rows"].append({"method": m.name, "ratio": ratio, "config": config, "cells_held": cells,
@@ -217,7 +217,7 @@ def main() -> int:
                                     "is recorded under its own name")
     args = ap.parse_args()
     if args.kld:
-        print(kld(args.ratio, args.kld.split(";"), args.threads))
+        print(kld(args.ratio, args.kld.split(";"), args.threads, args.tag))
     elif not args.report:
         kinds = None if args.kinds is None else [k.strip() for k in args.kinds.split(",") if k.strip()]
         print(run(args.ratio, args.config, args.threads, args.full, kinds, args.ctx, args.model, args.tag))
