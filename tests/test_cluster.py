@@ -64,6 +64,22 @@ def compressed(compressed_once: tuple[Llama, LlamaState]) -> Llama:
     return llm
 
 
+@pytest.mark.parametrize(("ratio", "passes"), [(0.78125, 1), (0.75, 2)])
+def test_last_pass_takes_a_remainder_under_a_tenth_of_a_pass(model_path: Path, ratio: float, passes: int) -> None:
+    """480 tokens, 400 in the region: 200 candidates, 100 a pass at pass_fraction 0.5. Down to 375 cells the 105 to
+    remove fit one pass (5 over, under a tenth); down to 360 the 120 take two."""
+    text = " ".join(f"Item {i} costs {7 * i + 3} coins." for i in range(200))
+    with Llama(str(model_path), n_ctx=1024, verbose=False, kv_cluster=True, kv_cluster_ratio=ratio,
+               kv_cluster_pass_fraction=0.5, kv_cluster_attn_weight=0.0) as llm:
+        tokens = llm.tokenize(text)[:480]
+        llm.eval(tokens)
+        assert llm.kv_cluster_stats()["passes"] == 0
+        llm.kv_cluster_compress()
+        stats = llm.kv_cluster_stats()
+        assert stats["tokens"] == 480 and stats["cells"] == math.ceil(ratio * 480)
+        assert stats["compressions"] == 1 and stats["passes"] == passes
+
+
 def test_invariants_after_many_passes(compressed: Llama) -> None:
     llm = compressed
     stats = llm.kv_cluster_stats()
