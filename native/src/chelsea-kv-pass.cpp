@@ -145,10 +145,10 @@ private:
 };
 
 // (1 - cos(key, the head's mean key))/2 per cell and head, [n, n_head] (cells along ne0): KeyDiff's distinctiveness,
-// with the mean taken over the normalized keys of all n cells of the sequence, as kvpress's KeyDiffPress does.
-// kf: the keys in f32, [n_embd_k, n]
-ggml_tensor * key_distinctiveness(ggml_context * ctx, ggml_tensor * kf, int64_t n_head, uint32_t n) {
-    const int64_t head_dim = kf->ne[0]/n_head;
+// with the mean taken over the normalized keys of all n cells of the sequence, as kvpress's KeyDiffPress does
+ggml_tensor * key_distinctiveness(ggml_context * ctx, ggml_tensor * k, int64_t n_head, uint32_t n) {
+    const int64_t head_dim = k->ne[0]/n_head;
+    ggml_tensor * kf = k->type == GGML_TYPE_F32 ? ggml_cont(ctx, k) : ggml_cast(ctx, k, GGML_TYPE_F32);
     // rms-normalized rows have norm sqrt(head_dim): their dot product is head_dim * cos
     ggml_tensor * kn = ggml_rms_norm(ctx, ggml_reshape_3d(ctx, kf, head_dim, n_head, n), 1e-6f);
     // the sum over cells points where the mean does, and the norm below drops the length: repeat_back sums over the
@@ -232,9 +232,8 @@ ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, 
     // B cells point at -1: relu makes that 0, a valid row whose value the blend below discards
     ggml_tensor * rows = ggml_cast(ctx, ggml_relu(ctx, index), GGML_TYPE_I32);
     ggml_tensor * penalty = nullptr;
-    ggml_tensor * kf = k->type == GGML_TYPE_F32 ? ggml_cont(ctx, k) : ggml_cast(ctx, k, GGML_TYPE_F32);
     if (p.distinct_weight > 0.0f) {
-        ggml_tensor * d = key_distinctiveness(ctx, kf, n_head, pass.n);
+        ggml_tensor * d = key_distinctiveness(ctx, k, n_head, pass.n);
         ggml_tensor * d_a = ggml_cont(ctx, ggml_view_2d(ctx, d, n_region, n_head, d->nb[1], pass.c0*d->nb[0]));
         penalty = ggml_scale(ctx, pair_max(ctx, d_a, rows), p.distinct_weight);
     }
@@ -375,7 +374,7 @@ bool seq_cells_in_order(const llama_kv_cells & cells, llama_seq_id seq_id, std::
 uint32_t pass_size(uint32_t need, uint32_t n_cand, float pass_fraction) {
     const uint32_t per_pass = std::max(1u, (uint32_t) (n_cand*pass_fraction));
     const bool fold = need <= per_pass + (uint32_t) (CHELSEA_PASS_SLACK*per_pass);
-    return std::min({ fold ? need : per_pass, n_cand, need });
+    return std::min(fold ? need : per_pass, n_cand);
 }
 
 // cell metadata after a pass: the region keeps an increasing subsequence of its positions, the recent cells move
