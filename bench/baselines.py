@@ -128,18 +128,21 @@ class Session:
         # whose future a real generation does not know, and the read-ahead would let it choose what stays
         read_ahead = self.policy is None and logits_from is None and self.llm.read_ahead(tokens, self.n_past)
         try:
-            self._feed(tokens, first, out)
+            self._feed(tokens, first, out, read_ahead)
         finally:
             if read_ahead:
                 self.llm.drop_read_ahead()
         return out
 
-    def _feed(self, tokens: Sequence[int], first: int, out: np.ndarray) -> None:
+    def _feed(self, tokens: Sequence[int], first: int, out: np.ndarray, read_ahead: bool = False) -> None:
         n = len(tokens)
+        base = self.n_past
         for start in range(0, n, self.chunk):
             part = tokens[start:start + self.chunk]
             if self.policy is not None:
                 self.policy.make_room(self, len(part))
+            if read_ahead and start > 0:
+                self.llm.refresh_read_ahead(tokens, base, self.n_past, len(part))
             b = self.batch
             for i, tok in enumerate(part):
                 b.token[i] = tok

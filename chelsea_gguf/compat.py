@@ -213,9 +213,18 @@ def _patch_llama_class(cls: type) -> None:
         ctx = _context_pointer(self) if options is not None and not self._logits_all else None
         if ctx is not None:
             lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), -1, self.n_tokens, -1)   # as stock eval does first
-        read = ctx is not None and lookahead.read_ahead(ctx, options, list(tokens), self.n_tokens, self.n_batch)
+        tokens = list(tokens)
+        base = self.n_tokens
+        read = ctx is not None and lookahead.read_ahead(ctx, options, tokens, base, self.n_batch)
         try:
-            stock_eval(self, tokens)
+            if not read:
+                stock_eval(self, tokens)
+                return
+            # a chunk at a time, so that the end is read again before each chunk that must merge
+            for start in range(0, len(tokens), self.n_batch):
+                if start > 0:
+                    lookahead.refresh(ctx, options, tokens, base, self.n_tokens, len(tokens[start:start + self.n_batch]))
+                stock_eval(self, tokens[start:start + self.n_batch])
         finally:
             if read:
                 lookahead.drop(ctx)

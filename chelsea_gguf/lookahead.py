@@ -3,6 +3,11 @@
 A prompt usually ends with what it asks. When clustering must merge while a prompt is fed (it does not fit the
 cells), the merges made before its end is read cannot know what it asks; reading the end first lets them rank by
 it (the attention score, ``kv_cluster_attn_weight``), as the compression after the prompt does.
+
+Read alone, the end asks in general terms: the queries of its deeper layers, which would point at a needle (a
+number, a name) in the text before them, have not seen that text. So before each later chunk whose room must be made
+by merging, the end is read again after the text fed so far (:func:`refresh`), in the cells the C side keeps spare
+for it, and the merges that make the room rank by what it asks of that text.
 """
 
 from __future__ import annotations
@@ -27,11 +32,31 @@ def read_ahead(ctx: Any, options: ClusterOptions | None, tokens: Sequence[int], 
         return False
     if read_stats(ctx).cells + len(tokens) <= int(lib.llama_n_ctx(ctx)):
         return False   # it fits: the compression after it reads the prompt's own end
+    return _read_end(ctx, ahead, base, base + len(tokens) - window)
+
+
+def refresh(ctx: Any, options: ClusterOptions, tokens: Sequence[int], base: int, n_past: int, n_next: int) -> bool:
+    """Between two chunks of tokens whose end :func:`read_ahead` kept (fed at positions base..., n_past of them in
+    so far): when the next n_next must merge to fit, read the end again at positions n_past..., after the text fed
+    so far, keep its queries in place of the earlier ones and take its cells back. True if read; False when the
+    next chunk fits, or when no attn_window cells are free to read it in without merging first."""
+    window = options.attn_window
+    n_cells = int(lib.llama_n_ctx(ctx))
+    used = read_stats(ctx).cells
+    # the C side merges before the next chunk when it and attn_window spare cells do not fit (chelsea_schedule)
+    if used + n_next + window <= n_cells or used + window > n_cells or len(tokens) <= window:
+        return False
+    return _read_end(ctx, list(tokens[-window:]), n_past, base + len(tokens) - window)
+
+
+def _read_end(ctx: Any, ahead: list[int], pos0: int, pos_first: int) -> bool:
+    """Decodes `ahead` into sequence 0 at positions pos0..., keeps the queries of its last attn_window tokens turned
+    to positions pos_first..., and takes its cells back."""
     batch = lib.llama_batch_init(len(ahead), 0, 1)
     try:
         for i, tok in enumerate(ahead):
             batch.token[i] = tok
-            batch.pos[i] = base + i
+            batch.pos[i] = pos0 + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
             batch.logits[i] = 0
@@ -39,9 +64,9 @@ def read_ahead(ctx: Any, options: ClusterOptions | None, tokens: Sequence[int], 
         decoded = lib.llama_decode(ctx, batch) == 0
     finally:
         lib.llama_batch_free(batch)
-    kept = decoded and lib.chelsea_kv_cluster_read_ahead(ctx, 0, base + len(tokens) - window) > 0
-    if not lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, base, -1):
-        raise RuntimeError(f"could not take back the {len(ahead)} tokens read ahead of the prompt at position {base}")
+    kept = decoded and lib.chelsea_kv_cluster_read_ahead(ctx, 0, pos_first) > 0
+    if not lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, pos0, -1):
+        raise RuntimeError(f"could not take back the {len(ahead)} tokens read ahead of the prompt at position {pos0}")
     return kept
 
 

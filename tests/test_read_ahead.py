@@ -130,3 +130,34 @@ def test_the_read_ahead_window_is_counted_in_the_kv_allocation(model_path: Path)
     on, window_bytes = kv_bytes()
     off, _ = kv_bytes(kv_cluster_lookahead=False)
     assert on - off == window_bytes
+
+
+def test_the_end_is_read_again_before_each_chunk_that_must_merge(model_path: Path) -> None:
+    """Before a chunk whose room is made by merging, the end is read again after the text fed so far, in the
+    attn_window cells the room made for the chunk before it left spare: nothing merges for that reading, its cells are
+    taken back, and its queries replace the first reading's. The first layer's queries see only their own tokens, so
+    they are the first reading's, turned to the same positions; a deeper layer's now read the text before them."""
+    with Llama(str(model_path), n_ctx=64, verbose=False) as tok:
+        tokens = prompt_tokens(tok)
+    deep = 20
+    with Llama(str(model_path), **sized_to(len(tokens), n_batch=128)) as llm:
+        n_cells = llm.n_cells()
+        assert llm.read_ahead(tokens, 0)
+        first = [queries(llm, layer, True) for layer in (0, deep)]
+        reads = 0
+        for start in range(0, len(tokens), llm.n_batch):
+            chunk = tokens[start:start + llm.n_batch]
+            stats = llm.kv_cluster_stats()
+            if start > 0 and llm.refresh_read_ahead(tokens, 0, start, len(chunk)):
+                reads += 1
+                after = llm.kv_cluster_stats()
+                assert (after["cells"], after["passes"], after["tokens"]) == (stats["cells"], stats["passes"], start)
+                again = [queries(llm, layer, True) for layer in (0, deep)]
+                scale = [float(np.abs(q).max()) for q in again]
+                assert float(np.abs(again[0] - first[0]).max()) < 0.01 * scale[0]
+                assert float(np.abs(again[1] - first[1]).max()) > 0.1 * scale[1]
+            assert llm._decode(chunk, start, logits_last=False) == 0
+            merged_for_it = llm.kv_cluster_stats()["passes"] > stats["passes"]
+            if merged_for_it and start + 2 * llm.n_batch < len(tokens):
+                assert n_cells - llm.kv_cluster_stats()["cells"] >= WINDOW   # the spare, left for the next reading
+        assert reads >= 2

@@ -105,7 +105,9 @@ int32_t chelsea_kv_cluster_compress(llama_context * ctx, llama_seq_id seq_id) {
     auto & seq = kv->chelsea->seqs[seq_id];
     const int64_t before = seq.n_merged;
     seq.forced = true;
+    kv->chelsea->between_batches = true;
     ctx->memory_update(false);
+    kv->chelsea->between_batches = false;
     seq.forced = false;
     return (int32_t) (seq.n_merged - before);
 }
@@ -124,7 +126,9 @@ int32_t chelsea_kv_cluster_read_ahead(llama_context * ctx, llama_seq_id seq_id, 
     // turned in update(), as a compression: the scheduler then runs a graph of ours, and llama.cpp knows not to
     // reuse the decoding graph it had built on it
     st.read_ahead_requests[strm] = { seq_id, 0, pos_first };
+    kv->chelsea->between_batches = true;
     ctx->memory_update(false);
+    kv->chelsea->between_batches = false;
     st.read_ahead_requests[strm] = chelsea_query_window();
     const chelsea_query_window & la = st.lookahead_windows[strm];
     return la.seq == seq_id ? (int32_t) la.rows : -1;

@@ -448,7 +448,8 @@ bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize)
     bool any = false;
     for (uint32_t s = 0; s < n_seq_max; ++s) {
         auto & seq = st.seqs[s];
-        const auto & cells = v_cells[seq_to_stream[s]];
+        const uint32_t strm = seq_to_stream[s];
+        const auto & cells = v_cells[strm];
         const int64_t n = (int64_t) cells.seq_pos_get((llama_seq_id) s).size();
         if (n == 0) {
             seq.pending = seq.forced = false;
@@ -459,14 +460,21 @@ bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize)
         // while a prompt is fed in chunks, merge only when the next chunk would not fit: later merges see
         // more of the prompt; once generating, keep the sequence within budget + interval. Only this
         // sequence's own tokens count, so that other sequences' batches leave it as it is
-        const uint32_t n_next = lctx->chelsea_n_batch_tokens((llama_seq_id) s);
-        const bool over_budget = decoding && n_next > 0 && n > (int64_t) target + p.interval;
+        const uint32_t n_next = st.between_batches ? 0 : lctx->chelsea_n_batch_tokens((llama_seq_id) s);
+        // while the prompt's end is read ahead, the prompt is being fed: a batch as small as a generation step is the
+        // reading of that end again (attn_window tokens, chelsea_gguf.lookahead.refresh), not a step
+        const bool reading_ahead = strm < st.lookahead_windows.size() && st.lookahead_windows[strm].seq == (llama_seq_id) s;
+        const bool over_budget = decoding && !reading_ahead && n_next > 0 && n > (int64_t) target + p.interval;
         // the budget applies when generating (fewer cells to attend), when asked, and when a batch found no slot
         // (optimize: free all that can be freed). Otherwise a prompt chunk that does not fit merges only the room
         // it lacks: the buffer is allocated anyway, and what stays exact now makes better merges later
         const bool to_budget = seq.forced || optimize || over_budget;
-        seq.pending = n > target && (to_budget || free < n_next);
-        seq.keep    = seq.pending && !to_budget ? (uint32_t) n - std::min((uint32_t) n, n_next - free) : 0;
+        // while the prompt's end is read ahead, room for a chunk is made with attn_window cells to spare, so that the
+        // end can be read again after that chunk without merging first. That reading is itself a batch of attn_window
+        // tokens, which must not ask for the spare again
+        const uint32_t spare = reading_ahead && n_next > (uint32_t) p.attn_window ? (uint32_t) p.attn_window : 0;
+        seq.pending = n > target && (to_budget || free < n_next + spare);
+        seq.keep    = seq.pending && !to_budget ? (uint32_t) n - std::min((uint32_t) n, n_next + spare - free) : 0;
         any = any || seq.pending;
     }
     return any;

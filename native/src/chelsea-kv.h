@@ -87,6 +87,9 @@ struct chelsea_kv_state {
 
     bool any_merged = false; // some cell holds a centroid: attention needs the log-size bias
     bool reserving  = false; // the compute buffers are being sized: attention graphs carry the bias as if merged
+    // update() runs for an API call, between batches: the batch llama_context still holds is the last one decoded,
+    // which no scheduling may make room for
+    bool between_batches = false;
 
     // attention graphs add the log-size bias: something is merged, or the compute buffers are being sized for it
     bool bias_in_graph() const { return params.log_bias && (any_merged || reserving); }
