@@ -123,11 +123,14 @@ int32_t llama_kv_cache::chelsea_read_ahead(llama_context * lctx, llama_seq_id se
 
     auto * sched = lctx->get_sched();
     ggml_backend_sched_reset(sched);
-    llm_graph_result res(16*(int64_t) layers.size() + 16);
+    llm_graph_result res(24*(int64_t) layers.size() + 16);
     ggml_context * ctx = res.get_ctx();
     ggml_cgraph  * gf  = res.get_gf();
     ggml_tensor * shift = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, w.rows);
     ggml_set_input(shift);
+    // a quantized K cache holds keys, and attention reads queries, turned by a Hadamard rotation (llama.cpp's
+    // attn_rot_k): RoPE applies to them turned back, as the K-shift of such a cache does (rot^2 = I)
+    ggml_tensor * rot = build_input_k_rot(ctx);
     for (size_t ikv = 0; ikv < layers.size(); ++ikv) {
         const uint32_t il = layers[ikv].il;
         ggml_tensor * src = st.queries[ikv];
@@ -136,11 +139,17 @@ int32_t llama_kv_cache::chelsea_read_ahead(llama_context * lctx, llama_seq_id se
         ggml_tensor * q = ggml_view_2d(ctx, src, src->ne[0], w.rows, src->nb[1], offs);
         if (hparams.has_rope(il)) {
             const int64_t head_dim = hparams.n_embd_head_k(il);
+            if (rot) {
+                q = llama_mul_mat_hadamard(ctx, q, rot);
+            }
             ggml_tensor * q3 = ggml_reshape_3d(ctx, q, head_dim, src->ne[0]/head_dim, w.rows);
             q3 = ggml_rope_ext(ctx, q3, shift, model.get_rope_factors(cparams, il), hparams.n_rot(il), rope_type,
                     cparams.n_ctx_orig_yarn, model.get_rope_freq_base(cparams, il), model.get_rope_freq_scale(cparams, il),
                     cparams.yarn_ext_factor, cparams.yarn_attn_factor, cparams.yarn_beta_fast, cparams.yarn_beta_slow);
             q = ggml_reshape_2d(ctx, q3, src->ne[0], w.rows);
+            if (rot) {
+                q = llama_mul_mat_hadamard(ctx, q, rot);
+            }
         }
         ggml_build_forward_expand(gf, ggml_cpy(ctx, q, ggml_view_2d(ctx, dst, dst->ne[0], w.rows, dst->nb[1], offs)));
     }
@@ -150,6 +159,9 @@ int32_t llama_kv_cache::chelsea_read_ahead(llama_context * lctx, llama_seq_id se
     }
     const std::vector<int32_t> shifts(w.rows, (int32_t) delta);
     ggml_backend_tensor_set(shift, shifts.data(), 0, shifts.size()*sizeof(int32_t));
+    if (rot) {
+        ggml_backend_tensor_set(rot, attn_rot_hadamard.at(rot->ne[0]).data(), 0, ggml_nbytes(rot));
+    }
     if (lctx->graph_compute(gf, false) != GGML_STATUS_SUCCESS) {
         LLAMA_LOG_ERROR("%s: failed to turn the read-ahead queries\n", __func__);
         return -1;
