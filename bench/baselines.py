@@ -136,13 +136,13 @@ class Session:
 
     def _feed(self, tokens: Sequence[int], first: int, out: np.ndarray, read_ahead: bool = False) -> None:
         n = len(tokens)
-        base = self.n_past
+        base = last_read = self.n_past
         for start in range(0, n, self.chunk):
             part = tokens[start:start + self.chunk]
             if self.policy is not None:
                 self.policy.make_room(self, len(part))
-            if read_ahead and start > 0:
-                self.llm.refresh_read_ahead(tokens, base, self.n_past, len(part))
+            if read_ahead and start > 0 and self.llm.refresh_read_ahead(tokens, base, self.n_past, len(part), last_read):
+                last_read = self.n_past
             b = self.batch
             for i, tok in enumerate(part):
                 b.token[i] = tok

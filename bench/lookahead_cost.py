@@ -5,7 +5,8 @@
 
 Three Chelsea contexts sized to the prompt (n_ctx = depth + 320, as latency_bench.py), answering the same document
 prompt (``common.document_tokens``) to its first token from an empty cache, in rotating order each round:
-``lookahead`` (the default: the end read first and again before each chunk that merges), ``read once`` (the end read
+``lookahead`` (the default: the end read first, and again before a chunk that merges once
+16 x attn_window tokens came since its last reading), ``read once`` (the end read
 first only: ``Llama.refresh_read_ahead`` switched off in this process) and ``no lookahead``
 (``kv_cluster_lookahead=False``). Writes ``results/lookahead_cost.json`` and ``.md``: median (min-max) seconds to the
 first token, clustering seconds and passes, and the ratio to ``no lookahead`` within each round.

@@ -220,11 +220,13 @@ def _patch_llama_class(cls: type) -> None:
             if not read:
                 stock_eval(self, tokens)
                 return
-            # a chunk at a time, so that the end is read again before each chunk that must merge
+            # a chunk at a time, so that the end can be read again before a chunk that must merge
+            last_read = base
             for start in range(0, len(tokens), self.n_batch):
-                if start > 0:
-                    lookahead.refresh(ctx, options, tokens, base, self.n_tokens, len(tokens[start:start + self.n_batch]))
-                stock_eval(self, tokens[start:start + self.n_batch])
+                chunk = tokens[start:start + self.n_batch]
+                if start > 0 and lookahead.refresh(ctx, options, tokens, base, self.n_tokens, len(chunk), last_read):
+                    last_read = self.n_tokens
+                stock_eval(self, chunk)
         finally:
             if read:
                 lookahead.drop(ctx)

@@ -435,13 +435,14 @@ class Llama:
             self._progress(0, len(tokens))
         base0 = len(self._tokens)
         read_ahead = self.read_ahead(tokens, base0)
+        last_read = base0
         try:
             for start in range(0, len(tokens), self.n_batch):
                 chunk = tokens[start:start + self.n_batch]
                 last_chunk = start + self.n_batch >= len(tokens)
                 base = len(self._tokens)
-                if read_ahead and start > 0:
-                    self.refresh_read_ahead(tokens, base0, base, len(chunk))
+                if read_ahead and start > 0 and self.refresh_read_ahead(tokens, base0, base, len(chunk), last_read):
+                    last_read = base
                 rc = self._decode(chunk, base, logits_last=last_chunk)
                 if rc == 1:
                     raise RuntimeError(f"the KV cache is full: no room for {len(chunk)} tokens at position {base} "
@@ -475,14 +476,15 @@ class Llama:
         self._require_open()
         return lookahead.read_ahead(self._ctx, self.kv_cluster_options, tokens, base, self.n_batch)
 
-    def refresh_read_ahead(self, tokens: Sequence[int], base: int, n_past: int, n_next: int) -> bool:
+    def refresh_read_ahead(self, tokens: Sequence[int], base: int, n_past: int, n_next: int, last_read: int) -> bool:
         """Between chunks of prompt tokens fed at positions base... whose end ``read_ahead`` kept, n_past tokens in
-        the sequence so far: if the next n_next tokens must merge to fit, read that end again after the text fed so
-        far (``chelsea_gguf.lookahead``). True if read. ``eval`` calls it before each chunk but the first."""
+        the sequence so far, the end last read at last_read: if the next n_next tokens must merge to fit, read that
+        end again after the text fed so far (``chelsea_gguf.lookahead.refresh``). True if read. ``eval`` calls it
+        before each chunk but the first."""
         self._require_open()
         if self.kv_cluster_options is None:
             return False
-        return lookahead.refresh(self._ctx, self.kv_cluster_options, tokens, base, n_past, n_next)
+        return lookahead.refresh(self._ctx, self.kv_cluster_options, tokens, base, n_past, n_next, last_read)
 
     def drop_read_ahead(self) -> None:
         """Forget the queries read_ahead kept (a prompt fed to its end drops them by itself)."""

@@ -15,6 +15,7 @@ from chelsea_gguf import Llama
 from chelsea_gguf._lib import ffi, lib
 from chelsea_gguf.cluster import ClusterOptions, cluster_sizes
 from chelsea_gguf.kv import read_kv_stats
+from chelsea_gguf.lookahead import READ_AGAIN_AFTER
 from chelsea_gguf.models import gemma3_270m_path, smollm2_path
 
 from test_merge_ranking import varied_text
@@ -150,11 +151,16 @@ def test_the_end_is_read_again_before_each_chunk_that_must_merge(model_path: Pat
         assert llm.read_ahead(tokens, 0)
         first = [queries(llm, layer, True) for layer in (0, deep)]
         reads = 0
+        last_read = 0
         for start in range(0, len(tokens), llm.n_batch):
             chunk = tokens[start:start + llm.n_batch]
             stats = llm.kv_cluster_stats()
-            if start > 0 and llm.refresh_read_ahead(tokens, 0, start, len(chunk)):
+            # READ_AGAIN_AFTER x attn_window tokens (128 here, one chunk) must come between two readings
+            too_recent = llm.refresh_read_ahead(tokens, 0, start, len(chunk), start - READ_AGAIN_AFTER * WINDOW + 1)
+            if start > 0 and llm.refresh_read_ahead(tokens, 0, start, len(chunk), last_read):
+                assert not too_recent
                 reads += 1
+                last_read = start
                 after = llm.kv_cluster_stats()
                 assert (after["cells"], after["passes"], after["tokens"]) == (stats["cells"], stats["passes"], start)
                 again = [queries(llm, layer, True) for layer in (0, deep)]
