@@ -78,8 +78,8 @@ class ClusterOptions:
     attn_window: int = _option("attn_window", "the last queries of each prompt chunk that attn_weight reads",
                                "--kv-attn-window")
     lookahead: bool = _option("lookahead", "with attn_weight, read a long prompt's last attn_window tokens first, and "
-                              "again after the text fed so far before each chunk that merges, so that merging while "
-                              "the prompt is fed keeps what its end asks for",
+                              "again after the text fed so far before chunks that merge, so that merging while the "
+                              "prompt is fed keeps what its end asks for",
                               "--kv-no-lookahead", "merge while a prompt is fed without reading its end first")
 
     def validated(self, label: Callable[["OptionSpec"], str] | None = None) -> "ClusterOptions":
