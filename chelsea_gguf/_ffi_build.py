@@ -242,6 +242,7 @@ struct chelsea_kv_cluster_params {
     int32_t chunk;
     int32_t n_sink;
     int32_t n_recent;
+    float   recent_share;
     int32_t interval;
     int32_t max_passes;
     float   pass_fraction;

@@ -52,6 +52,9 @@ class ClusterOptions:
     chunk: int = _option("chunk", "cells per matching chunk (even, >= 2)", "--kv-chunk")
     sinks: int = _option("n_sink", "first tokens never merged", "--kv-sinks")
     recent: int = _option("n_recent", "last tokens never merged", "--kv-recent")
+    recent_share: float = _option("recent_share", "keep this share of the cells a compression leaves as the newest "
+                                  "tokens, exact, in [0, 1): the recent window is max(recent, recent_share x cells "
+                                  "kept)", "--kv-recent-share")
     interval: int = _option("interval", "g: while generating, compress once a sequence exceeds its budget by this "
                             "many cells", "--kv-interval")
     max_passes: int = _option("max_passes", "merging passes per compression, at most")

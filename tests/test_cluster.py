@@ -64,6 +64,30 @@ def compressed(compressed_once: tuple[Llama, LlamaState]) -> Llama:
     return llm
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_recent_share_keeps_that_share_of_the_cells_exact(model_path: Path, share: float) -> None:
+    """A compression to about 160 of 800 cells leaves its newest max(recent, share x 160) cells exact (size 1, their own
+    positions), and merges the older ones harder instead."""
+    text = " ".join(f"Item {i} costs {7 * i + 3} coins." for i in range(300))
+    with Llama(str(model_path), n_ctx=1024, verbose=False, kv_cluster=True, kv_cluster_ratio=0.2,
+               kv_cluster_recent=16, kv_cluster_recent_share=share) as llm:
+        tokens = llm.tokenize(text)[:800]
+        llm.eval(tokens)
+        llm.kv_cluster_compress()
+        stats = llm.kv_cluster_stats()
+        n = stats["cells"]
+        assert stats["tokens"] == 800 and 160 <= n <= 161
+        window = max(16, int(share * n))
+        pos = cell_positions(llm.ctx)[:n]
+        assert pos[n - window:] == list(range(800 - window, 800))
+        kv = llm.kv_stats()
+        for layer in (0, kv.n_layers - 1):
+            for head in cluster_sizes(llm.ctx, layer, kv.n_cells):
+                assert all(s == 1.0 for s in head[n - window:n])
+                # the cell just before the window holds merged tokens: the window is no larger than asked
+                assert pos[n - window - 1] < 800 - window - 1
+
+
 @pytest.mark.parametrize(("ratio", "passes"), [(0.78125, 1), (0.75, 2)])
 def test_last_pass_takes_a_remainder_under_a_tenth_of_a_pass(model_path: Path, ratio: float, passes: int) -> None:
     """480 tokens, 400 in the region: 200 candidates, 100 a pass at pass_fraction 0.5. Down to 375 cells the 105 to
@@ -203,6 +227,8 @@ def test_prompt_chunks_merge_only_the_room_they_lack(model_path: Path) -> None:
     ({"kv_cluster_chunk": 0}, "kv_cluster_chunk"),
     ({"kv_cluster_sinks": -1}, "kv_cluster_sinks"),
     ({"kv_cluster_recent": -4}, "kv_cluster_recent"),
+    ({"kv_cluster_recent_share": 1.0}, "kv_cluster_recent_share: 1 is out of range"),
+    ({"kv_cluster_recent_share": -0.25}, "kv_cluster_recent_share"),
     ({"kv_cluster_interval": -1}, "kv_cluster_interval"),
     ({"kv_cluster_pass_fraction": 0.0}, "kv_cluster_pass_fraction"),
     ({"kv_cluster": "yes"}, "kv_cluster"),

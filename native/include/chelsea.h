@@ -61,6 +61,8 @@ struct chelsea_kv_cluster_params {
     int32_t chunk;        // C: cells per matching chunk, even, >= 2
     int32_t n_sink;       // first cells of a sequence that are never merged
     int32_t n_recent;     // last cells of a sequence that are never merged
+    float   recent_share; // in [0, 1): a compression also leaves this share of the cells it keeps as the newest,
+                          // exact: its recent window is max(n_recent, recent_share x cells kept); 0: n_recent alone
     int32_t interval;     // g: compress once a sequence holds more than budget + g cells
     int32_t max_passes;   // passes per compression
     float   pass_fraction; // share of a pass's candidate (A) cells it may merge, in (0, 1]: below 1, a pass

@@ -39,6 +39,9 @@ std::string chelsea_params_problem(const chelsea_kv_cluster_params & p) {
     if (p.n_recent < 0) {
         return out_of_range("n_recent", p.n_recent, ">= 0");
     }
+    if (!(p.recent_share >= 0.0f && p.recent_share < 1.0f)) {
+        return out_of_range("recent_share", p.recent_share, ">= 0 and < 1");
+    }
     if (p.interval < 0) {
         return out_of_range("interval", p.interval, ">= 0");
     }
@@ -71,12 +74,20 @@ uint32_t chelsea_target_cells(const chelsea_kv_cluster_params & p, int64_t token
     return (uint32_t) std::max<int64_t>(budget, p.n_sink + p.n_recent + 2);
 }
 
+uint32_t chelsea_recent_cells(const chelsea_kv_cluster_params & p, uint32_t kept, uint32_t n_protected) {
+    const uint32_t share = (uint32_t) ((double) p.recent_share * (double) kept);
+    // the share never takes the last 2 cells of the region: a pass needs a pair to merge
+    const uint32_t most  = kept > n_protected + 2 ? kept - n_protected - 2 : 0;
+    return std::max((uint32_t) p.n_recent, std::min(share, most));
+}
+
 chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     chelsea_kv_cluster_params p;
     p.ratio      = 0.25f;
     p.chunk      = 64;
     p.n_sink     = 16;
     p.n_recent   = 64;
+    p.recent_share = 0.0f;
     p.interval   = 256;
     p.max_passes = 32;
     p.pass_fraction = 0.25f;

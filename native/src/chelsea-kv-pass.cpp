@@ -551,9 +551,10 @@ bool llama_kv_cache::chelsea_compress_seq(llama_context * lctx, llama_seq_id seq
             q_lookahead = true;
         }
     }
+    const uint32_t n_recent = chelsea_recent_cells(p, target, c0);
     int32_t passes = 0;
-    for (uint32_t n = n0; n > target && passes < p.max_passes && n >= c0 + (uint32_t) p.n_recent + 2; n = (uint32_t) idx.size()) {
-        const uint32_t n_region = n - c0 - p.n_recent;
+    for (uint32_t n = n0; n > target && passes < p.max_passes && n >= c0 + n_recent + 2; n = (uint32_t) idx.size()) {
+        const uint32_t n_region = n - c0 - n_recent;
         const uint32_t n_cand   = n_region / 2;
         const chelsea_pass pass = { strm, packed ? std::vector<uint32_t>() : idx, n, c0, n_region,
                                     pass_size(n - target, n_cand, p.pass_fraction), q_rows, q_lookahead };

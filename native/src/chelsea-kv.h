@@ -129,6 +129,9 @@ std::string chelsea_params_problem(const chelsea_kv_cluster_params & params);
 // cells a sequence of `tokens` tokens may be compressed to: its budget, never below what is protected
 uint32_t chelsea_target_cells(const chelsea_kv_cluster_params & params, int64_t tokens);
 
+// the newest cells a compression that keeps `kept` cells, the first n_protected of them sinks, leaves exact
+uint32_t chelsea_recent_cells(const chelsea_kv_cluster_params & params, uint32_t kept, uint32_t n_protected);
+
 class llama_io_write_i;
 class llama_io_read_i;
 
