@@ -3,6 +3,7 @@
     python3 bench/recent_window.py            # R = 0.2 and 0.1, recent 64 (default) .. 384; KLD and passkeys at 3k
     python3 bench/recent_window.py --quick    # R = 0.2, recent 64 and 128; 1k tokens, two passkeys
     python3 bench/recent_window.py --segments # KLD only, recent 64 vs 128 at R = 0.2 and 0.1, on 4 parts of the text
+    python3 bench/recent_window.py --shares   # KLD only, kv_cluster_recent_share 0.5 and 0.75 and eviction, the same parts
 
 Every configuration at one R holds the same physical cells (the budget stays above the protected sinks and
 recent tokens, so ``kv_cluster_recent`` does not change the allocation; checked). A larger exact window leaves
@@ -39,6 +40,8 @@ PLANS: dict[str, dict[str, Any]] = {
 
 SEGMENTS: dict[str, Any] = {"offsets": [0, 30000, 60000, 90000], "recents": {0.2: [64, 128], 0.1: [64, 128]},
                             "kld_tokens": (3072, 1536)}
+# a window sized by the cells a compression keeps (kv_cluster_recent_share) instead of a token count
+SHARES: dict[float, list[float]] = {0.2: [0.5, 0.75], 0.1: [0.5, 0.75]}
 
 
 def methods_for(recents: dict[float, list[int]]) -> list[Method]:
@@ -104,10 +107,19 @@ def run(plan: dict[str, Any], threads: int) -> list[dict[str, Any]]:
     return rows
 
 
-def run_segments(threads: int) -> list[dict[str, Any]]:
-    """KLD of each window against the full cache on several stretches of the text (no passkeys, no eviction)."""
+def share_methods() -> list[Method]:
+    """Per R: the default window, each share of SHARES, and eviction at the same cells."""
+    out: list[Method] = []
+    for r, shares in SHARES.items():
+        out.append(Chelsea(f"chelsea R={r:g} recent={default_options().recent}", r))
+        out += [Chelsea(f"chelsea R={r:g} recent_share={s:g}", r, extra={"kv_cluster_recent_share": s}) for s in shares]
+        out.append(Streaming(f"streaming R={r:g}", r))
+    return out
+
+
+def run_segments(threads: int, methods: list[Method]) -> list[dict[str, Any]]:
+    """KLD of each method against the full cache on several stretches of the text (no passkeys)."""
     n, n_score = SEGMENTS["kld_tokens"]
-    methods = [m for m in methods_for(SEGMENTS["recents"]) if isinstance(m, Chelsea)]
     check_same_cells(methods, n)
     with FULL.open(16, n_threads=1) as tok_llm:
         text = tok_llm.tokenize(reference_text())
@@ -189,17 +201,21 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--segments", action="store_true")
+    ap.add_argument("--shares", action="store_true", help="kv_cluster_recent_share against the default and eviction")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     t_start = time.time()
-    if args.segments:
-        rows = run_segments(args.threads)
-        meta = provenance("python3 bench/recent_window.py --segments", model="SmolLM2-135M-Instruct Q4_1",
+    if args.segments or args.shares:
+        flag, name = ("--shares", "recent_window_shares") if args.shares else ("--segments", "recent_window_segments")
+        methods = share_methods() if args.shares else \
+            [m for m in methods_for(SEGMENTS["recents"]) if isinstance(m, Chelsea)]
+        rows = run_segments(args.threads, methods)
+        meta = provenance(f"python3 bench/recent_window.py {flag}", model="SmolLM2-135M-Instruct Q4_1",
                           text="pydoc_data.topics (Python stdlib), sorted topics", offsets=SEGMENTS["offsets"],
                           kld_tokens=list(SEGMENTS["kld_tokens"]), threads=args.threads,
                           wall_s=round(time.time() - t_start, 1))
-        print(write_json("recent_window_segments", {"meta": meta, "rows": rows}))
-        (RESULTS / "recent_window_segments.md").write_text(markdown_segments(rows, meta))
+        print(write_json(name, {"meta": meta, "rows": rows}))
+        (RESULTS / f"{name}.md").write_text(markdown_segments(rows, meta))
         return 0
     plan = PLANS["quick" if args.quick else "full"]
     rows = run(plan, args.threads)
