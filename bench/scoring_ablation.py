@@ -67,15 +67,16 @@ def parse_config(text: str) -> dict[str, Any]:
 
 
 def run(ratio: float, config: str, threads: int, full: bool, kinds: list[str] | None = None,
-        n_ctx: int | None = None, model: str = "smollm2", tag: str | None = None) -> Path:
+        n_ctx: int | None = None, model: str = "smollm2", tag: str | None = None,
+        lengths: tuple[int, ...] = LENGTHS, depths: tuple[float, ...] = DEPTHS) -> Path:
     """Answers every item; with n_ctx, in one context of that logical size (a user's ``--ctx``), opened once,
     instead of one sized to each prompt. A tag names a run of the same configuration on other code (its file
-    and its row)."""
+    and its row); other lengths or depths than the set's make a set of their own (named by its lengths)."""
     method = FULL if full else chelsea_with(ratio, config, tag)
     path = model_path(model)
     with FULL.open(64, path, 1) as tok_llm:
         # the whole set first, then the kinds asked for: the same items (and lengths) as in a run of all of them
-        items = build_items(lambda t: len(tok_llm.tokenize(t)), LENGTHS, depths=DEPTHS)
+        items = build_items(lambda t: len(tok_llm.tokenize(t)), lengths, depths=depths)
         items = [it for it in items if kinds is None or it.needle_kind in kinds]
         tokens = {it.item_id: tok_llm.tokenize(it.prompt()) for it in items}
     t0 = time.time()
@@ -85,12 +86,14 @@ def run(ratio: float, config: str, threads: int, full: bool, kinds: list[str] | 
         name += "_" + "_".join(kinds)
     if n_ctx is not None:
         name += f"_ctx{n_ctx}"
+    if (lengths, depths) != (LENGTHS, DEPTHS):
+        name += "_len" + "_".join(map(str, lengths))
     name += MODELS[model]["suffix"]
     if tag:
         name += f"_{tag}"
     meta = provenance("python3 bench/scoring_ablation.py" + " ".join([""] + sys.argv[1:]), model=MODELS[model]["label"],
                       ratio=ratio,
-                      config=config, threads=threads, lengths=list(LENGTHS), depths=list(DEPTHS), kinds=kinds,
+                      config=config, threads=threads, lengths=list(lengths), depths=list(depths), kinds=kinds,
                       n_ctx=n_ctx)
     with contextlib.ExitStack() as stack:
         llm = stack.enter_context(method.open(n_ctx, path, threads)) if n_ctx is not None else None
@@ -157,6 +160,12 @@ def report() -> Path:
             r["method"] += (f" [{','.join(kinds)} only]" if kinds else "") + on_model
             r["ceiling"] = FULL.name + (f" [{','.join(kinds)} only]" if kinds else "") + on_model
             r["method"] += f" [n_ctx {n_ctx}]" if n_ctx else ""
+            # a set of other lengths or depths is its own, with the full cache's run of that set as its ceiling
+            set_of = (tuple(run["meta"].get("lengths", LENGTHS)), tuple(run["meta"].get("depths", DEPTHS)))
+            other = set_of != (LENGTHS, DEPTHS)
+            lengths_label = f" [lengths {','.join(map(str, run['meta']['lengths']))}]" if other else ""
+            r["method"] += lengths_label
+            r["ceiling"] += lengths_label
     rows = [r for run in runs for r in run["rows"]]
     methods = list(dict.fromkeys(r["method"] for r in sorted(rows, key=lambda r: (" [" in r["method"],
                                                                                  not r["method"].startswith(FULL.name), r["method"]))))
@@ -215,12 +224,18 @@ def main() -> int:
     ap.add_argument("--tag", help="name the run apart from an earlier one of the same configuration (other code)")
     ap.add_argument("--kinds", help="only these needle kinds, comma-separated (e.g. number): a first look; the run "
                                     "is recorded under its own name")
+    ap.add_argument("--lengths", help=f"comma-separated prompt lengths (default {','.join(map(str, LENGTHS))}); "
+                                      "another set is recorded under its own name")
+    ap.add_argument("--depths", help=f"comma-separated needle depths (default {','.join(map(str, DEPTHS))})")
     args = ap.parse_args()
     if args.kld:
         print(kld(args.ratio, args.kld.split(";"), args.threads, args.tag))
     elif not args.report:
         kinds = None if args.kinds is None else [k.strip() for k in args.kinds.split(",") if k.strip()]
-        print(run(args.ratio, args.config, args.threads, args.full, kinds, args.ctx, args.model, args.tag))
+        lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else LENGTHS
+        depths = tuple(float(x) for x in args.depths.split(",")) if args.depths else DEPTHS
+        print(run(args.ratio, args.config, args.threads, args.full, kinds, args.ctx, args.model, args.tag,
+                  lengths, depths))
     print(report().read_text())
     return 0
 
