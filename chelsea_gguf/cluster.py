@@ -71,8 +71,10 @@ class ClusterOptions:
     distinct_weight: float = _option("distinct_weight", "merge distinctive cells last: lowers a pair's score by this "
                                      "times (1 - cos(key, the head's mean key))/2 of its more distinctive cell; 0: off",
                                      "--kv-distinct-weight")
-    size_weight: float = _option("size_weight", "spread merges: lowers a pair's score by this times tanh(log size) "
-                                 "of its A cell; 0: off", "--kv-size-weight")
+    size_weight: float = _option("size_weight", "above 0, spread merges: lowers a pair's score by this times "
+                                 "tanh(log size) of its A cell; below 0, gather them: raises it by -this times "
+                                 "tanh(log size) of its larger cell, so that more cells stay exact; 0: off",
+                                 "--kv-size-weight")
     value_weight: float = _option("value_weight", "keep values apart: lowers a pair's score by this times "
                                   "(1 - cos(value of A, value of B))/2; 0: off", "--kv-value-weight")
     attn_weight: float = _option("attn_weight", "keep what the prompt asks for: lowers a pair's score by this times "

@@ -1,5 +1,5 @@
 """How a pass ranks candidate merges: the distinctiveness and size terms (kv_cluster_distinct_weight,
-kv_cluster_size_weight) on the real default model, on varied text."""
+kv_cluster_size_weight, whose sign spreads or gathers merges) on the real default model, on varied text."""
 
 from __future__ import annotations
 
@@ -71,6 +71,18 @@ def test_size_weight_spreads_merges(model_path: Path, default_run) -> None:
     _, base_sizes, _ = default_run
     _, sizes, _ = compress(model_path, kv_cluster_size_weight=4.0)
     assert max(max(h) for h in sizes) < max(max(h) for h in base_sizes)
+
+
+def test_negative_size_weight_gathers_merges(model_path: Path, default_run) -> None:
+    """Favouring merges into grown cells gathers the merged tokens into fewer cells: more cells of every head stay
+    exact (size 1) than with the similarity ranking, at the same cell count."""
+    base_stats, base_sizes, _ = default_run
+    stats, sizes, _ = compress(model_path, kv_cluster_size_weight=-1.0)
+    assert stats["cells"] == base_stats["cells"]
+    exact = [sum(s == 1.0 for s in h) for h in sizes]
+    base_exact = [sum(s == 1.0 for s in h) for h in base_sizes]
+    assert all(e > b for e, b in zip(exact, base_exact))
+    assert max(max(h) for h in sizes) > max(max(h) for h in base_sizes)
 
 
 def test_zero_weights_leave_the_similarity_ranking(model_path: Path, default_run) -> None:

@@ -77,8 +77,10 @@ struct chelsea_kv_cluster_params {
     float   distinct_weight; // >= 0: a pair's score is lowered by this times the distinctiveness of its more
                              // distinctive cell, (1 - cos(key, the head's mean key))/2 (KeyDiff's signal), so cells
                              // whose keys stand out (a number, a name) merge last; 0: off
-    float   size_weight;     // >= 0: a pair's score is lowered by this times tanh(log size) of its A cell, so merges
-                             // spread over the sequence instead of growing the oldest centroids; 0: off
+    float   size_weight;     // in -100 .. 100. > 0: a pair's score is lowered by this times tanh(log size) of its A
+                             // cell, so merges spread over the sequence instead of growing the oldest centroids.
+                             // < 0: raised by -this times tanh(log size) of the larger cell of the pair, so merges
+                             // gather into clusters that are already large and more cells stay exact; 0: off
     float   value_weight;    // >= 0: a pair's score is lowered by this times (1 - cos(value of A, value of B))/2, so
                              // cells whose keys look alike but whose values differ (the digits of a number) merge
                              // later; 0: off

@@ -54,8 +54,8 @@ std::string chelsea_params_problem(const chelsea_kv_cluster_params & p) {
     if (!(p.distinct_weight >= 0.0f && p.distinct_weight <= 100.0f)) {
         return out_of_range("distinct_weight", p.distinct_weight, "in 0 .. 100");
     }
-    if (!(p.size_weight >= 0.0f && p.size_weight <= 100.0f)) {
-        return out_of_range("size_weight", p.size_weight, "in 0 .. 100");
+    if (!(p.size_weight >= -100.0f && p.size_weight <= 100.0f)) {
+        return out_of_range("size_weight", p.size_weight, "in -100 .. 100");
     }
     if (!(p.value_weight >= 0.0f && p.value_weight <= 100.0f)) {
         return out_of_range("value_weight", p.value_weight, "in 0 .. 100");

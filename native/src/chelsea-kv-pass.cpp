@@ -18,6 +18,7 @@
 #include "llama-kv-cache.h"
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <map>
 #include <vector>
@@ -219,8 +220,8 @@ ggml_tensor * attention_share(ggml_context * ctx, ggml_tensor * k, ggml_tensor *
 }
 
 // the match result with each candidate's score lowered by distinct_weight * max(distinctiveness of A, of its B),
-// size_weight * tanh(log size of A), value_weight * the pair's value distance and attn_weight * max(tanh(a/4) of A,
-// of its B) for the attention share a that q (the last prompt queries, if any) pay, then divided by 1 + the weights:
+// size_weight * tanh(log size of A) (below 0: raised by -size_weight * max(tanh(log size) of A, of its B)), value_weight * the pair's value distance and attn_weight * max(tanh(a/4) of A,
+// of its B) for the attention share a that q (the last prompt queries, if any) pay, then divided by 1 + the weights' sizes:
 // the same order of merges as those penalties give, with scores kept in [-1, 1] so that the no-candidate and
 // non-finite marks below stay apart
 ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, ggml_tensor * v, bool v_trans,
@@ -237,9 +238,12 @@ ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, 
         ggml_tensor * d_a = ggml_cont(ctx, ggml_view_2d(ctx, d, n_region, n_head, d->nb[1], pass.c0*d->nb[0]));
         penalty = ggml_scale(ctx, pair_max(ctx, d_a, rows), p.distinct_weight);
     }
-    if (p.size_weight > 0.0f) {
+    if (p.size_weight != 0.0f) {
         ggml_tensor * ls = ggml_cont(ctx, ggml_view_2d(ctx, log_sizes, n_region, n_head, log_sizes->nb[1], pass.c0*log_sizes->nb[0]));
-        ggml_tensor * grown = ggml_scale(ctx, ggml_tanh(ctx, ls), p.size_weight);
+        // spreading looks at the cell that would move (A); gathering at the larger of the two, so that a large
+        // cluster draws its neighbours whichever side of the pair it is on
+        ggml_tensor * grown = p.size_weight > 0.0f ? ggml_scale(ctx, ggml_tanh(ctx, ls), p.size_weight)
+                                                   : ggml_scale(ctx, pair_max(ctx, ggml_tanh(ctx, ls), rows), p.size_weight);
         penalty = penalty ? ggml_add(ctx, penalty, grown) : grown;
     }
     if (p.value_weight > 0.0f && v != nullptr) {
@@ -258,7 +262,7 @@ ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, 
     }
     // 1 for candidates (scores in [-1, 1]), 0 for the marks GGML_CHELSEA_NO_SCORE and GGML_CHELSEA_NONFINITE
     ggml_tensor * candidate = ggml_step(ctx, ggml_scale_bias(ctx, score, 1.0f, 1.5f));
-    const float norm = 1.0f/(1.0f + p.distinct_weight + p.size_weight + p.value_weight + (q ? p.attn_weight : 0.0f));
+    const float norm = 1.0f/(1.0f + p.distinct_weight + std::fabs(p.size_weight) + p.value_weight + (q ? p.attn_weight : 0.0f));
     ggml_tensor * weighed = ggml_scale(ctx, ggml_sub(ctx, score, penalty), norm);
     // marks stay as they were: candidate*weighed + (1 - candidate)*score
     weighed = ggml_add(ctx, score, ggml_mul(ctx, candidate, ggml_sub(ctx, weighed, score)));
@@ -308,7 +312,7 @@ ggml_tensor * build_layer_pass(ggml_context * ctx, ggml_cgraph * gf, pass_span &
         q = ggml_view_2d(ctx, w, w->ne[0], pass.q_rows, w->nb[1], pass.strm*w->nb[2] + (w->ne[1] - pass.q_rows)*w->nb[1]);
         q_scale = st.queries_scale[ikv];
     }
-    if (!p.random_pairs && (p.distinct_weight > 0.0f || p.size_weight > 0.0f || p.value_weight > 0.0f || q)) {
+    if (!p.random_pairs && (p.distinct_weight > 0.0f || p.size_weight != 0.0f || p.value_weight > 0.0f || q)) {
         m = weigh_match(ctx, m, k, vv, v_trans, span.cols(st.log_sizes[ikv], n_head_kv, pass.n), q, q_scale, p, pass);
     }
     ggml_tensor * plan = ggml_chelsea_plan(ctx, m, sizes, c0, n_remove);
