@@ -163,7 +163,7 @@ def report() -> Path:
             # a set of other lengths or depths is its own, with the full cache's run of that set as its ceiling
             set_of = (tuple(run["meta"].get("lengths", LENGTHS)), tuple(run["meta"].get("depths", DEPTHS)))
             other = set_of != (LENGTHS, DEPTHS)
-            lengths_label = f" [lengths {','.join(map(str, run['meta']['lengths']))}]" if other else ""
+            lengths_label = f" [lengths {','.join(map(str, set_of[0]))}]" if other else ""
             r["method"] += lengths_label
             r["ceiling"] += lengths_label
     rows = [r for run in runs for r in run["rows"]]

@@ -220,8 +220,9 @@ ggml_tensor * attention_share(ggml_context * ctx, ggml_tensor * k, ggml_tensor *
 }
 
 // the match result with each candidate's score lowered by distinct_weight * max(distinctiveness of A, of its B),
-// size_weight * tanh(log size of A) (below 0: raised by -size_weight * max(tanh(log size) of A, of its B)), value_weight * the pair's value distance and attn_weight * max(tanh(a/4) of A,
-// of its B) for the attention share a that q (the last prompt queries, if any) pay, then divided by 1 + the weights' sizes:
+// size_weight * tanh(log size of A) (below 0: raised by -size_weight * max(tanh(log size) of A, of its B)),
+// value_weight * the pair's value distance and attn_weight * max(tanh(a/4) of A, of its B) for the attention share a
+// that q (the last prompt queries, if any) pay, then divided by 1 + the weights' sizes:
 // the same order of merges as those penalties give, with scores kept in [-1, 1] so that the no-candidate and
 // non-finite marks below stay apart
 ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, ggml_tensor * v, bool v_trans,
@@ -242,8 +243,8 @@ ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, 
         ggml_tensor * ls = ggml_cont(ctx, ggml_view_2d(ctx, log_sizes, n_region, n_head, log_sizes->nb[1], pass.c0*log_sizes->nb[0]));
         // spreading looks at the cell that would move (A); gathering at the larger of the two, so that a large
         // cluster draws its neighbours whichever side of the pair it is on
-        ggml_tensor * grown = p.size_weight > 0.0f ? ggml_scale(ctx, ggml_tanh(ctx, ls), p.size_weight)
-                                                   : ggml_scale(ctx, pair_max(ctx, ggml_tanh(ctx, ls), rows), p.size_weight);
+        ggml_tensor * t = ggml_tanh(ctx, ls);
+        ggml_tensor * grown = ggml_scale(ctx, p.size_weight > 0.0f ? t : pair_max(ctx, t, rows), p.size_weight);
         penalty = penalty ? ggml_add(ctx, penalty, grown) : grown;
     }
     if (p.value_weight > 0.0f && v != nullptr) {
