@@ -328,9 +328,11 @@ void ggml_compute_forward_chelsea_match(const ggml_compute_params * params, ggml
     scratch_carver carver(thread_scratch(params, 0, match_thread_bytes(shape)));
     const match_chunk x = carve_match_chunk(carver, shape);
 
+    // chunk by chunk, its heads in turn: a cell's K and V rows hold every head, so the rows a chunk reads stay in
+    // cache across its heads
     for (int64_t item = params->ith; item < n_head*n_chunks; item += params->nth) {
-        const int64_t h     = item / n_chunks;
-        const int64_t ch    = item % n_chunks;
+        const int64_t ch    = item / n_head;
+        const int64_t h     = item % n_head;
         const int64_t first = ch*chunk;                              // relative to c0
         const int64_t len   = std::min<int64_t>(chunk, n_region - first);
         const int64_t n_b   = (len + 1) / 2;
