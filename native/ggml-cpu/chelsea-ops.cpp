@@ -82,8 +82,13 @@ void * thread_scratch(const ggml_compute_params * params, size_t shared, size_t 
     return (char *) params->wdata + shared + (size_t) params->ith*per_thread;
 }
 
+// chunks whose transposed V rows (a row per element, cells along ne0) are converted at once: a chunk's 64 cells of
+// 192 rows would touch as many pages for 128 bytes each
+constexpr int64_t CHELSEA_MATCH_BLOCK_CHUNKS = 4;
+
 struct match_shape {
     int64_t head_dim, head_dim_v, chunk;
+    bool    v_rows; // V holds its cells along ne0 (llama.cpp's transposed V)
 };
 
 match_shape match_shape_of(const ggml_tensor * dst) {
@@ -91,7 +96,7 @@ match_shape match_shape_of(const ggml_tensor * dst) {
     const ggml_tensor * v = dst->src[1];
     const int32_t n_head = ggml_get_op_params_i32(dst, 0);
     const int32_t v_dim  = ggml_get_op_params_i32(dst, 4);
-    return { k->ne[0] / n_head, v ? v->ne[1 - v_dim] / n_head : 0, ggml_get_op_params_i32(dst, 3) };
+    return { k->ne[0] / n_head, v ? v->ne[1 - v_dim] / n_head : 0, ggml_get_op_params_i32(dst, 3), v && v_dim == 0 };
 }
 
 // One chunk of one head, as the match kernel reads it: element e of the cell at chunk offset i sits at
@@ -99,6 +104,7 @@ match_shape match_shape_of(const ggml_tensor * dst) {
 // head_dim multiply-adds of contiguous rows; and each cell's squared norm.
 struct match_chunk {
     float  * k, * v;     // [head_dim*chunk], [head_dim_v*chunk]
+    float  * v_block;    // transposed V only: one head's rows of a block of chunks, [head_dim_v][block cells]
     float  * row;        // one converted slice: max(head_dim, head_dim_v, chunk)
     float  * score_k, * score_v; // [chunk/2 A cells][chunk/2 + 1 B cells]
     double * norm_k, * norm_v;
@@ -108,6 +114,7 @@ match_chunk carve_match_chunk(scratch_carver & c, const match_shape & m) {
     match_chunk x;
     x.k       = c.take<float>(m.head_dim*m.chunk);
     x.v       = c.take<float>(m.head_dim_v*m.chunk);
+    x.v_block = c.take<float>(m.v_rows ? m.head_dim_v*CHELSEA_MATCH_BLOCK_CHUNKS*m.chunk : 0);
     x.row     = c.take<float>(std::max({ m.head_dim, m.head_dim_v, m.chunk }));
     x.score_k = c.take<float>((m.chunk/2)*(m.chunk/2 + 1));
     x.score_v = c.take<float>((m.chunk/2)*(m.chunk/2 + 1));
@@ -120,30 +127,8 @@ int64_t match_slot(int64_t i, int64_t n_b) {
     return i % 2 == 0 ? i / 2 : n_b + i / 2;
 }
 
-// Loads head slice [e0, e0 + n) of cells [cell0, cell0 + len) of x into `out` (match_chunk layout) and scales each
-// cell to unit length, so that cosine similarity becomes a dot product; `norm` gets each cell's squared norm, by
-// slot. x holds cells along ne1 (cells_dim 1, any type) or along ne0 (cells_dim 0, llama.cpp's transposed V: a row
-// per element). A zero vector is similar to nothing (scale 0); a non-finite one stays non-finite and never wins a
-// comparison (NaN compares false; a finite f32 vector's squared norm cannot overflow a double).
-void load_chunk(const ggml_tensor * x, int cells_dim, int64_t cell0, int64_t len, int64_t e0, int64_t n,
-        float * out, float * row, double * norm) {
-    const int64_t n_b = (len + 1) / 2;
-    if (cells_dim == 1) {
-        for (int64_t i = 0; i < len; ++i) {
-            slice_to_f32(x->type, (const char *) x->data + (cell0 + i)*x->nb[1] + row_offset(x->type, e0), row, n);
-            const int64_t slot = match_slot(i, n_b);
-            for (int64_t e = 0; e < n; ++e) {
-                out[e*len + slot] = row[e];
-            }
-        }
-    } else {
-        for (int64_t e = 0; e < n; ++e) {
-            slice_to_f32(x->type, (const char *) x->data + cell0*x->nb[0] + (e0 + e)*x->nb[1], row, len);
-            for (int64_t i = 0; i < len; ++i) {
-                out[e*len + match_slot(i, n_b)] = row[i];
-            }
-        }
-    }
+// each loaded cell scaled to unit length, its squared norm in `norm` (by slot); `row`: len floats of scratch
+void normalize_chunk(float * out, int64_t len, int64_t n, float * row, double * norm) {
     std::fill(norm, norm + len, 0.0);
     for (int64_t e = 0; e < n; ++e) {
         const float * xe = out + e*len;
@@ -157,6 +142,37 @@ void load_chunk(const ggml_tensor * x, int cells_dim, int64_t cell0, int64_t len
     for (int64_t e = 0; e < n; ++e) {
         ggml_vec_mul_f32((int) len, out + e*len, out + e*len, row);
     }
+}
+
+// Loads head slice [e0, e0 + n) of cells [cell0, cell0 + len) of x (cells along ne1, any type) into `out`
+// (match_chunk layout) and scales each cell to unit length, so that cosine similarity becomes a dot product; `norm`
+// gets each cell's squared norm, by slot. A zero vector is similar to nothing (scale 0); a non-finite one stays
+// non-finite and never wins a comparison (NaN compares false; a finite f32 vector's squared norm cannot overflow a
+// double).
+void load_chunk(const ggml_tensor * x, int64_t cell0, int64_t len, int64_t e0, int64_t n, float * out, float * row,
+        double * norm) {
+    const int64_t n_b = (len + 1) / 2;
+    for (int64_t i = 0; i < len; ++i) {
+        slice_to_f32(x->type, (const char *) x->data + (cell0 + i)*x->nb[1] + row_offset(x->type, e0), row, n);
+        const int64_t slot = match_slot(i, n_b);
+        for (int64_t e = 0; e < n; ++e) {
+            out[e*len + slot] = row[e];
+        }
+    }
+    normalize_chunk(out, len, n, row, norm);
+}
+
+// load_chunk for cells along ne0 (llama.cpp's transposed V: a row per element), from n rows already converted to f32,
+// `stride` cells apart (a head's rows of a block of chunks)
+void load_chunk_from_rows(const float * rows, int64_t stride, int64_t len, int64_t n, float * out, float * row,
+        double * norm) {
+    const int64_t n_b = (len + 1) / 2;
+    for (int64_t e = 0; e < n; ++e) {
+        for (int64_t i = 0; i < len; ++i) {
+            out[e*len + match_slot(i, n_b)] = rows[e*stride + i];
+        }
+    }
+    normalize_chunk(out, len, n, row, norm);
 }
 
 // score[a*n_b + j] = dot(A cell a, B cell j) for all A and B cells of a loaded chunk of n-element slices: a small
@@ -315,11 +331,9 @@ void ggml_compute_forward_chelsea_match(const ggml_compute_params * params, ggml
     const int32_t n_head   = ggml_get_op_params_i32(dst, 0);
     const int32_t c0       = ggml_get_op_params_i32(dst, 1);
     const int32_t n_region = ggml_get_op_params_i32(dst, 2);
-    const int32_t v_dim    = ggml_get_op_params_i32(dst, 4);
 
     const match_shape shape = match_shape_of(dst);
     const int64_t head_dim = shape.head_dim, head_dim_v = shape.head_dim_v, chunk = shape.chunk;
-    const int64_t n_chunks = (n_region + chunk - 1) / chunk;
 
     float * out = (float *) dst->data;
     float * out_score = out;
@@ -328,52 +342,64 @@ void ggml_compute_forward_chelsea_match(const ggml_compute_params * params, ggml
     scratch_carver carver(thread_scratch(params, 0, match_thread_bytes(shape)));
     const match_chunk x = carve_match_chunk(carver, shape);
 
-    // chunk by chunk, its heads in turn: a cell's K and V rows hold every head, so the rows a chunk reads stay in
-    // cache across its heads
-    for (int64_t item = params->ith; item < n_head*n_chunks; item += params->nth) {
-        const int64_t ch    = item / n_head;
-        const int64_t h     = item % n_head;
-        const int64_t first = ch*chunk;                              // relative to c0
-        const int64_t len   = std::min<int64_t>(chunk, n_region - first);
-        const int64_t n_b   = (len + 1) / 2;
-
-        load_chunk(k, 1, c0 + first, len, h*head_dim, head_dim, x.k, x.row, x.norm_k);
-        if (v) {
-            load_chunk(v, v_dim, c0 + first, len, h*head_dim_v, head_dim_v, x.v, x.row, x.norm_v);
-        }
-        score_chunk(x.k, head_dim, len, x.score_k);
-        if (v) {
-            score_chunk(x.v, head_dim_v, len, x.score_v);
-        }
-        auto finite = [&](int64_t i) {
-            const int64_t slot = match_slot(i, n_b);
-            return std::isfinite(x.norm_k[slot]) && (!v || std::isfinite(x.norm_v[slot]));
-        };
-
-        for (int64_t i = 0; i < len; ++i) {
-            const int64_t o = h*n_region + first + i;
-            if (i % 2 == 0 || !finite(i)) {
-                // a non-finite A cell stays a candidate (each head must remove n_remove cells), ranked last
-                out_score[o] = finite(i) ? GGML_CHELSEA_NO_SCORE : GGML_CHELSEA_NONFINITE;
-                out_index[o] = i % 2 == 0 ? -1.0f : (float) (first + i - 1);
-                continue;
+    const int64_t block    = CHELSEA_MATCH_BLOCK_CHUNKS*chunk;
+    const int64_t n_blocks = (n_region + block - 1) / block;
+    // a block of chunks at a time, its heads in turn: a cell's K and V rows hold every head, so the rows a block reads
+    // stay in cache across its heads
+    for (int64_t item = params->ith; item < n_head*n_blocks; item += params->nth) {
+        const int64_t h           = item % n_head;
+        const int64_t block_first = (item / n_head)*block;          // relative to c0
+        const int64_t block_len   = std::min(block, n_region - block_first);
+        if (shape.v_rows) {
+            for (int64_t e = 0; e < head_dim_v; ++e) {
+                slice_to_f32(v->type, (const char *) v->data + (c0 + block_first)*v->nb[0] + (h*head_dim_v + e)*v->nb[1],
+                        x.v_block + e*block, block_len);
             }
-            const float * score_k = x.score_k + (i/2)*n_b;
-            const float * score_v = x.score_v + (i/2)*n_b;
-            float   best   = GGML_CHELSEA_NO_SCORE;
-            int64_t best_j = first + i - 1;
-            for (int64_t j = 0; j < n_b; ++j) {
-                float s = score_k[j];
-                if (v) {
-                    s = 1.0f - 0.5f*(1.0f - s)*(1.0f - score_v[j]);
-                }
-                if (s > best) {
-                    best   = s;
-                    best_j = first + 2*j;
-                }
+        }
+        for (int64_t first = block_first; first < block_first + block_len; first += chunk) {
+            const int64_t len = std::min<int64_t>(chunk, n_region - first);
+            const int64_t n_b = (len + 1) / 2;
+
+            load_chunk(k, c0 + first, len, h*head_dim, head_dim, x.k, x.row, x.norm_k);
+            if (shape.v_rows) {
+                load_chunk_from_rows(x.v_block + (first - block_first), block, len, head_dim_v, x.v, x.row, x.norm_v);
+            } else if (v) {
+                load_chunk(v, c0 + first, len, h*head_dim_v, head_dim_v, x.v, x.row, x.norm_v);
             }
-            out_score[o] = best;
-            out_index[o] = (float) best_j;
+            score_chunk(x.k, head_dim, len, x.score_k);
+            if (v) {
+                score_chunk(x.v, head_dim_v, len, x.score_v);
+            }
+            auto finite = [&](int64_t i) {
+                const int64_t slot = match_slot(i, n_b);
+                return std::isfinite(x.norm_k[slot]) && (!v || std::isfinite(x.norm_v[slot]));
+            };
+
+            for (int64_t i = 0; i < len; ++i) {
+                const int64_t o = h*n_region + first + i;
+                if (i % 2 == 0 || !finite(i)) {
+                    // a non-finite A cell stays a candidate (each head must remove n_remove cells), ranked last
+                    out_score[o] = finite(i) ? GGML_CHELSEA_NO_SCORE : GGML_CHELSEA_NONFINITE;
+                    out_index[o] = i % 2 == 0 ? -1.0f : (float) (first + i - 1);
+                    continue;
+                }
+                const float * score_k = x.score_k + (i/2)*n_b;
+                const float * score_v = x.score_v + (i/2)*n_b;
+                float   best   = GGML_CHELSEA_NO_SCORE;
+                int64_t best_j = first + i - 1;
+                for (int64_t j = 0; j < n_b; ++j) {
+                    float s = score_k[j];
+                    if (v) {
+                        s = 1.0f - 0.5f*(1.0f - s)*(1.0f - score_v[j]);
+                    }
+                    if (s > best) {
+                        best   = s;
+                        best_j = first + 2*j;
+                    }
+                }
+                out_score[o] = best;
+                out_index[o] = (float) best_j;
+            }
         }
     }
 }
