@@ -55,8 +55,8 @@ def without_score(model_path: Path) -> tuple[dict, list[list[float]], np.ndarray
 def test_attention_score_is_on_by_default(model_path: Path) -> None:
     """On by default (what measured best: bench/results/scoring_ablation.md), and the defaults build the same graph
     as the weight given."""
-    assert ClusterOptions().attn_weight == 0.25 and ClusterOptions().attn_window == 32
-    assert run(model_path)[1] == run(model_path, kv_cluster_attn_weight=0.25, kv_cluster_attn_window=32)[1]
+    assert ClusterOptions().attn_weight == 0.25 and ClusterOptions().attn_window == 16
+    assert run(model_path)[1] == run(model_path, kv_cluster_attn_weight=0.25, kv_cluster_attn_window=16)[1]
 
 
 @pytest.mark.parametrize("options", [ATTN,

@@ -99,7 +99,7 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.size_weight     = 0.0f;
     p.value_weight    = 0.0f;
     p.attn_weight     = 0.25f;
-    p.attn_window     = 32;
+    p.attn_window     = 16;
     p.lookahead       = true;
     return p;
 }
