@@ -104,6 +104,22 @@ def test_last_pass_takes_a_remainder_under_a_tenth_of_a_pass(model_path: Path, r
         assert stats["compressions"] == 1 and stats["passes"] == passes
 
 
+def test_room_for_a_prompt_chunk_is_made_a_whole_pass_at_a_time(model_path: Path) -> None:
+    """512 cells (n_ctx 1024, R = 0.25) filled by four chunks of 128; the fifth needs 128 cells of room, and a pass
+    over the 432-cell region may merge all its 216 candidates (pass_fraction 1): it merges 216, so that the next
+    chunks find 88 cells more, instead of running a pass over the same region for 128."""
+    text = " ".join(f"Item {i} costs {7 * i + 3} coins." for i in range(200))
+    with Llama(str(model_path), n_ctx=1024, n_batch=128, verbose=False, kv_cluster=True, kv_cluster_ratio=0.25,
+               kv_cluster_interval=128, kv_cluster_pass_fraction=1.0, kv_cluster_attn_weight=0.0) as llm:
+        assert llm.n_cells() == 512
+        tokens = llm.tokenize(text)[:640]
+        for start in range(0, 640, 128):
+            llm.eval(tokens[start:start + 128])
+        stats = llm.kv_cluster_stats()
+        assert stats["tokens"] == 640 and stats["compressions"] == 1 and stats["passes"] == 1
+        assert stats["cells"] == 512 - 216 + 128
+
+
 def test_invariants_after_many_passes(compressed: Llama) -> None:
     llm = compressed
     stats = llm.kv_cluster_stats()
