@@ -371,19 +371,17 @@ bool seq_cells_in_order(const llama_kv_cells & cells, llama_seq_id seq_id, std::
     return shared_first;
 }
 
-// cells one pass removes when `need` more must go and the region has n_cand A cells: pass_fraction of the candidates,
-// or all of the need when it exceeds that by less than CHELSEA_PASS_SLACK of a pass. A pass costs about the same over
-// every layer whatever it merges, and a prompt fed in chunks of the interval's size asks each compression for a
-// little more than one pass (256 cells against 246 after an 8k prompt at R = 0.2): the remainder's own pass would
-// double the clustering
-uint32_t pass_capacity(uint32_t n_cand, float pass_fraction) {
-    return std::max(1u, (uint32_t) (n_cand*pass_fraction));
-}
-
-uint32_t pass_size(uint32_t need, uint32_t n_cand, float pass_fraction) {
-    const uint32_t per_pass = pass_capacity(n_cand, pass_fraction);
+// cells one pass removes when `need` more must go, `most` may go (>= need) and the region has n_cand A cells:
+// pass_fraction of the candidates, or all of the need when it exceeds that by less than CHELSEA_PASS_SLACK of a pass.
+// A pass costs about the same over every layer whatever it merges: a prompt fed in chunks of the interval's size asks
+// each compression for a little more than one pass (256 cells against 246 after an 8k prompt at R = 0.2), and the
+// remainder's own pass would double the clustering; past about 2k cells a pass may merge more than a chunk needs (410
+// at 16k), and room for a chunk (most above need, down to the budget) then takes the whole pass, so that the chunks
+// do not each pay a pass over the whole region for less
+uint32_t pass_size(uint32_t need, uint32_t most, uint32_t n_cand, float pass_fraction) {
+    const uint32_t per_pass = std::max(1u, (uint32_t) (n_cand*pass_fraction));
     const bool fold = need <= per_pass + (uint32_t) (CHELSEA_PASS_SLACK*per_pass);
-    return std::min(fold ? need : per_pass, n_cand);
+    return std::min(std::max(fold ? need : per_pass, std::min(per_pass, most)), n_cand);
 }
 
 // cell metadata after a pass: the region keeps an increasing subsequence of its positions, the recent cells move
@@ -542,23 +540,13 @@ bool llama_kv_cache::chelsea_compress_seq(llama_context * lctx, llama_seq_id seq
     }
 
     const uint32_t budget = chelsea_target_cells(p, n0 + seq.n_merged);
-    uint32_t target = std::max(budget, seq.keep);
+    const uint32_t target = std::max(budget, seq.keep);
     // room for a prompt chunk (keep) is made before the chunk is read: the window holds the text before it, which
     // asks nothing. The queries are read once the prompt is in (the compression to budget at the first generated
     // token, one asked for, the interval's while generating)
     const bool prompt_in = seq.keep == 0;
     seq.keep = 0;
     const uint32_t c0 = std::max((uint32_t) p.n_sink, n_shared);
-    // room for a chunk is made a whole pass at a time: a pass costs about the same over every cell whatever it merges,
-    // and past about 2k cells a pass may merge more than a chunk of 256 needs, so each chunk would pay a pass over the
-    // whole region for less (a 16k prompt at R = 0.2: 256 cells a pass where one may merge 410)
-    if (!prompt_in && n0 > target) {
-        const uint32_t n_recent0 = chelsea_recent_cells(p, target, c0);
-        if (n0 >= c0 + n_recent0 + 2) {
-            const uint32_t per_pass = pass_capacity((n0 - c0 - n_recent0)/2, p.pass_fraction);
-            target = std::max(budget, std::min(target, n0 - std::min(n0, per_pass)));
-        }
-    }
     // the sequence's last prompt queries, if the window holds its own; while the prompt is fed, those of its end
     // read ahead of it, if any
     uint32_t q_rows = 0;
@@ -576,8 +564,10 @@ bool llama_kv_cache::chelsea_compress_seq(llama_context * lctx, llama_seq_id seq
     for (uint32_t n = n0; n > target && passes < p.max_passes && n >= c0 + n_recent + 2; n = (uint32_t) idx.size()) {
         const uint32_t n_region = n - c0 - n_recent;
         const uint32_t n_cand   = n_region / 2;
+        // room for a prompt chunk that needs less than a pass may take the whole pass, down to the budget
+        const uint32_t most = !prompt_in && passes == 0 ? n - budget : n - target;
         const chelsea_pass pass = { strm, packed ? std::vector<uint32_t>() : idx, n, c0, n_region,
-                                    pass_size(n - target, n_cand, p.pass_fraction), q_rows, q_lookahead };
+                                    pass_size(n - target, most, n_cand, p.pass_fraction), q_rows, q_lookahead };
         const int64_t nonfinite = chelsea_run_pass(lctx, pass);
         if (nonfinite < 0) {
             LLAMA_LOG_ERROR("%s: seq %d: compression pass failed\n", __func__, seq_id);
