@@ -81,6 +81,26 @@ class NativeContext:
             self.feed(seq, out[-1:])
         return out
 
+    def greedy_together(self, seqs: list[int], n: int) -> dict[int, list[int]]:
+        """n greedy tokens continuing each of seqs, one batch per step holding a token of every sequence (with
+        several streams, a ubatch that spans them)."""
+        out: dict[int, list[int]] = {seq: [] for seq in seqs}
+        for _ in range(n):
+            for i, seq in enumerate(seqs):
+                out[seq].append(int(np.argmax(self.last_logits[seq])))
+                self.batch.token[i] = out[seq][-1]
+                self.batch.pos[i] = self.next_pos[seq]
+                self.batch.n_seq_id[i] = 1
+                self.batch.seq_id[i][0] = seq
+                self.batch.logits[i] = True
+            self.batch.n_tokens = len(seqs)
+            assert lib.llama_decode(self.ctx, self.batch) == 0
+            for i, seq in enumerate(seqs):
+                self.next_pos[seq] += 1
+                self.last_logits[seq] = np.frombuffer(
+                    ffi.buffer(lib.llama_get_logits_ith(self.ctx, i), 4 * self.n_vocab), dtype=np.float32).copy()
+        return out
+
     def compress(self, seq: int) -> int:
         return int(lib.chelsea_kv_cluster_compress(self.ctx, seq))
 

@@ -77,6 +77,26 @@ def test_per_sequence_streams_cluster_each_sequence_alone(model, prompts, single
         c.close()
 
 
+def test_a_step_spanning_streams_gives_each_the_logits_of_its_own_step(model, prompts) -> None:
+    # one ubatch holds both streams: each layer's mask is made per stream, and every KV head of a stream must get
+    # that stream's mask (a repeat across streams and heads once handed head h of stream s another stream's)
+    c = NativeContext(model, 2 * 2048, 2, unified=False, flash_attn=False)
+    try:
+        for seq, tokens in enumerate(prompts):
+            c.feed(seq, tokens)
+        for seq in (0, 1):
+            c.compress(seq)
+        fed = c.greedy_together([0, 1], 4)
+        together = {seq: c.last_logits[seq] for seq in (0, 1)}
+        for seq in (0, 1):
+            c.next_pos[seq] -= 1
+            lib.llama_memory_seq_rm(c.mem, seq, c.next_pos[seq], -1)
+            c.feed(seq, fed[seq][-1:])
+            assert np.array_equal(c.last_logits[seq], together[seq])
+    finally:
+        c.close()
+
+
 def test_copied_sequence_shares_merged_cells_and_never_merges_them(model, prompts, single_runs) -> None:
     c = NativeContext(model, 2048, 2, unified=True)
     try:
