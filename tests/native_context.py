@@ -64,8 +64,12 @@ class NativeContext:
 
     def feed(self, seq: int, tokens: list[int]) -> None:
         self.next_pos[seq] = decode(self.ctx, self.batch, seq, tokens, self.next_pos.get(seq, 0))
-        self.last_logits[seq] = np.frombuffer(
-            ffi.buffer(lib.llama_get_logits_ith(self.ctx, -1), 4 * self.n_vocab), dtype=np.float32).copy()
+        self.last_logits[seq] = self.logits_at(-1)
+
+    def logits_at(self, i: int) -> np.ndarray:
+        """A copy of the logits of output i of the last batch (-1: its last)."""
+        return np.frombuffer(ffi.buffer(lib.llama_get_logits_ith(self.ctx, i), 4 * self.n_vocab),
+                             dtype=np.float32).copy()
 
     def copy_sequence(self, src: int, dst: int, p0: int = -1, p1: int = -1) -> None:
         lib.llama_memory_seq_cp(self.mem, src, dst, p0, p1)
@@ -97,8 +101,7 @@ class NativeContext:
             assert lib.llama_decode(self.ctx, self.batch) == 0
             for i, seq in enumerate(seqs):
                 self.next_pos[seq] += 1
-                self.last_logits[seq] = np.frombuffer(
-                    ffi.buffer(lib.llama_get_logits_ith(self.ctx, i), 4 * self.n_vocab), dtype=np.float32).copy()
+                self.last_logits[seq] = self.logits_at(i)
         return out
 
     def compress(self, seq: int) -> int:
