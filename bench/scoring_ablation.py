@@ -5,6 +5,7 @@
     python3 bench/scoring_ablation.py --ratio 0.2 --config "attn=1" --ctx 16384  # all items in one 16k context
     python3 bench/scoring_ablation.py --ratio 0.2 --ctx 16384 --model gemma       # Gemma-3-270M, the same items
     python3 bench/scoring_ablation.py --kld "default;distinct=1"                 # KLD of each against the full cache
+    python3 bench/scoring_ablation.py --kld "default" --offsets 0,30000,60000,90000   # on four stretches, and their mean
     python3 bench/scoring_ablation.py --report                                  # the table of every recorded run
 
 A configuration sets ClusterOptions fields by short names (``distinct`` = ``kv_cluster_distinct_weight``,
@@ -16,8 +17,8 @@ in one context of that logical size (as ``chelsea-run --ctx 16k``: a prompt that
 the question is in), and writes
 ``results/scoring_ablation/<R>_<config>.json``; ``--report`` writes ``results/scoring_ablation.md`` with retrieval
 per depth band and needle kind, the full cache's rows (from ``--full``) as the ceiling. ``--kld`` scores the
-configurations as bench/quality_kld.py does (3072 tokens of pydoc_data.topics, the last 1536 scored) into
-``results/scoring_ablation_kld.json``.
+configurations as bench/quality_kld.py does (3072 tokens of pydoc_data.topics, the last 1536 scored; ``--offsets``: the
+stretches starting at those tokens) into ``results/scoring_ablation_kld.json``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 from chelsea_gguf import Llama
 from chelsea_gguf.cluster import KEYWORD_FIELDS, default_options
 
-from common import FULL, RESULTS, document_tokens, provenance, write_json
+from common import FULL, RESULTS, provenance, reference_text, write_json
 from haystacks import BANDS, build_items
 from methods import Chelsea, Method
 from quality_kld import method_logprobs, score
@@ -122,26 +123,33 @@ def chelsea_with(ratio: float, config: str, tag: str | None = None) -> Chelsea:
     return Chelsea(f"chelsea R={ratio:g} {config}" + (f" ({tag})" if tag else ""), ratio, extra=parse_config(config))
 
 
-def kld(ratio: float, configs: list[str], threads: int, tag: str | None = None) -> Path:
-    """KLD, top-1 agreement and perplexity of each configuration against the full cache, as quality_kld.py."""
+def kld(ratio: float, configs: list[str], threads: int, tag: str | None = None,
+        offsets: tuple[int, ...] = (0,)) -> Path:
+    """KLD, top-1 agreement and perplexity of each configuration against the full cache, as quality_kld.py, on the
+    stretch of the text that starts at each offset (tokens; recent_window.py's --segments uses 0, 30000, 60000 and
+    90000): one stretch moves with rounding-level changes, the mean of four less."""
     n, n_score = 3072, 1536
     with FULL.open(16, n_threads=1) as tok_llm:
-        tokens = document_tokens(tok_llm, n)
-    first = n - n_score - 1
-    targets = np.array(tokens[first + 1:], dtype=np.int64)
-    ref, _, _ = method_logprobs(FULL, tokens, first, threads)
+        text = tok_llm.tokenize(reference_text())
     path = RESULTS / "scoring_ablation_kld.json"
     data = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
-    for config in configs:
-        m = chelsea_with(ratio, config, tag)
-        lp, cells, secs = method_logprobs(m, tokens, first, threads)
-        data["rows"] = [r for r in data["rows"] if r["method"] != m.name]
-        data["rows"].append({"method": m.name, "ratio": ratio, "config": config, "cells_held": cells,
-                             "seconds": round(secs, 1), **score(ref, lp, targets)})
-        print(json.dumps(data["rows"][-1]), flush=True)
-        data["meta"] = provenance("python3 bench/scoring_ablation.py" + " ".join([""] + sys.argv[1:]),
-                                  n_tokens=n, n_scored=n_score, threads=threads)
-        write_json("scoring_ablation_kld", data)
+    for offset in offsets:
+        tokens = text[offset:offset + n]
+        if len(tokens) < n:
+            raise SystemExit(f"--offsets {offset}: the reference text has only {len(text)} tokens")
+        first = n - n_score - 1
+        targets = np.array(tokens[first + 1:], dtype=np.int64)
+        ref, _, _ = method_logprobs(FULL, tokens, first, threads)
+        for config in configs:
+            m = chelsea_with(ratio, config, tag)
+            lp, cells, secs = method_logprobs(m, tokens, first, threads)
+            data["rows"] = [r for r in data["rows"] if (r["method"], r.get("offset", 0)) != (m.name, offset)]
+            data["rows"].append({"method": m.name, "ratio": ratio, "config": config, "offset": offset,
+                                 "cells_held": cells, "seconds": round(secs, 1), **score(ref, lp, targets)})
+            print(json.dumps(data["rows"][-1]), flush=True)
+            data["meta"] = provenance("python3 bench/scoring_ablation.py" + " ".join([""] + sys.argv[1:]),
+                                      n_tokens=n, n_scored=n_score, threads=threads)
+            write_json("scoring_ablation_kld", data)
     return path
 
 
@@ -201,10 +209,21 @@ def report() -> Path:
                      + f" | {sum(secs[m]) / len(secs[m]):.1f} |")
     kld_path = RESULTS / "scoring_ablation_kld.json"
     if kld_path.exists():
-        lines += ["", "KL divergence against the full cache (3072 tokens of pydoc_data.topics, the last 1536 scored):", "",
-                  "| method | KLD | top-1 agree | ppl | cells held |", "|---|---:|---:|---:|---:|"]
-        for r in sorted(json.loads(kld_path.read_text())["rows"], key=lambda r: (r["ratio"], r["method"])):
-            lines.append(f"| {r['method']} | {r['kld']:.4f} | {r['top1_agree']:.3f} | {r['ppl']:.2f} | {r['cells_held']} |")
+        lines += ["", "KL divergence against the full cache (3072 tokens of pydoc_data.topics from the offset, the last "
+                  "1536 scored; the mean where a method was scored at the four offsets of `--offsets 0,30000,60000,90000`):",
+                  "", "| method | offset | KLD | top-1 agree | ppl | cells held |", "|---|---:|---:|---:|---:|---:|"]
+        kld_rows = json.loads(kld_path.read_text())["rows"]
+        for r in sorted(kld_rows, key=lambda r: (r["ratio"], r["method"], r.get("offset", 0))):
+            lines.append(f"| {r['method']} | {r.get('offset', 0)} | {r['kld']:.4f} | {r['top1_agree']:.3f} | "
+                         f"{r['ppl']:.2f} | {r['cells_held']} |")
+        by_method: dict[str, list[dict[str, Any]]] = {}
+        for r in kld_rows:
+            by_method.setdefault(r["method"], []).append(r)
+        for m, rs in sorted(by_method.items(), key=lambda kv: (kv[1][0]["ratio"], kv[0])):
+            if len({r.get("offset", 0) for r in rs}) == 4:
+                mean = sum(r["kld"] for r in rs) / 4
+                top1 = sum(r["top1_agree"] for r in rs) / 4
+                lines.append(f"| {m} | mean of 4 | {mean:.4f} | {top1:.3f} | | {rs[0]['cells_held']} |")
     path = RESULTS / "scoring_ablation.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -218,6 +237,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report", action="store_true", help="only write the table of the recorded runs")
     ap.add_argument("--kld", help="semicolon-separated configurations to score by KLD instead")
+    ap.add_argument("--offsets", default="0", help="with --kld: comma-separated token offsets of the stretches "
+                                                   "scored (e.g. 0,30000,60000,90000)")
     ap.add_argument("--ctx", type=int, help="answer every item in one context of this logical size (a user's --ctx, "
                                             "e.g. 16384) instead of one sized to each prompt")
     ap.add_argument("--model", choices=sorted(MODELS), default="smollm2")
@@ -229,7 +250,8 @@ def main() -> int:
     ap.add_argument("--depths", help=f"comma-separated needle depths (default {','.join(map(str, DEPTHS))})")
     args = ap.parse_args()
     if args.kld:
-        print(kld(args.ratio, args.kld.split(";"), args.threads, args.tag))
+        offsets = tuple(int(x) for x in args.offsets.split(","))
+        print(kld(args.ratio, args.kld.split(";"), args.threads, args.tag, offsets))
     elif not args.report:
         kinds = None if args.kinds is None else [k.strip() for k in args.kinds.split(",") if k.strip()]
         lengths = tuple(int(x) for x in args.lengths.split(",")) if args.lengths else LENGTHS

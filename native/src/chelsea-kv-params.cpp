@@ -90,7 +90,7 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.recent_share = 0.0f;
     p.interval   = 256;
     p.max_passes = 32;
-    p.pass_fraction = 0.25f;
+    p.pass_fraction = 0.5f;
     p.log_bias   = true;
     p.match_values = true;
     p.random_pairs = false;
