@@ -373,11 +373,11 @@ bool seq_cells_in_order(const llama_kv_cells & cells, llama_seq_id seq_id, std::
 
 // cells one pass removes when `need` more must go, `most` may go (>= need) and the region has n_cand A cells:
 // pass_fraction of the candidates, or all of the need when it exceeds that by less than CHELSEA_PASS_SLACK of a pass.
-// A pass costs about the same over every layer whatever it merges: a prompt fed in chunks of the interval's size asks
-// each compression for a little more than one pass (256 cells against 246 after an 8k prompt at R = 0.2), and the
-// remainder's own pass would double the clustering; past about 2k cells a pass may merge more than a chunk needs (410
-// at 16k), and room for a chunk (most above need, down to the budget) then takes the whole pass, so that the chunks
-// do not each pay a pass over the whole region for less
+// A pass costs about the same over every layer whatever it merges: at a quarter per pass a prompt fed in chunks of the
+// interval's size asks each compression for a little more than one pass (256 cells against 246 after an 8k prompt at
+// R = 0.2), and the remainder's own pass would double the clustering; once a pass may merge more than a chunk needs
+// (past about 2k cells at a quarter, 1k at the default half), room for a chunk (most above need, down to the budget)
+// takes the whole pass, so that the chunks do not each pay a pass over the whole region for less
 uint32_t pass_size(uint32_t need, uint32_t most, uint32_t n_cand, float pass_fraction) {
     const uint32_t per_pass = std::max(1u, (uint32_t) (n_cand*pass_fraction));
     const bool fold = need <= per_pass + (uint32_t) (CHELSEA_PASS_SLACK*per_pass);
