@@ -66,6 +66,14 @@ def document_tokens(llm: Llama, n: int) -> list[int]:
     return tokens[:n]
 
 
+def text_stretch(text: list[int], offset: int, n: int, option: str = "offset") -> list[int]:
+    """Tokens [offset, offset + n) of the tokenized reference text; exits naming the offset when the text is shorter."""
+    tokens = text[offset:offset + n]
+    if len(tokens) < n:
+        raise SystemExit(f"{option} {offset}: the reference text has only {len(text)} tokens")
+    return tokens
+
+
 def amend_json(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], out: Path = RESULTS) -> Path:
     """Adds or replaces the rows of the methods in `rows` in a recorded result, keeping the other rows and
     their provenance; the amendment's own provenance goes to meta["amended"]. For adding a method to a long

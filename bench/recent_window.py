@@ -28,7 +28,8 @@ import numpy as np
 
 from chelsea_gguf.cluster import default_options
 
-from common import FULL, RESULTS, Chelsea, Method, Streaming, document_tokens, provenance, reference_text, write_json
+from common import (FULL, RESULTS, Chelsea, Method, Streaming, document_tokens, provenance, reference_text, text_stretch,
+                    write_json)
 from quality_kld import method_logprobs, score
 from quality_tasks import PK_GEN, answer, passkey_item
 
@@ -125,9 +126,7 @@ def run_segments(threads: int, methods: list[Method]) -> list[dict[str, Any]]:
         text = tok_llm.tokenize(reference_text())
     rows: list[dict[str, Any]] = []
     for offset in SEGMENTS["offsets"]:
-        tokens = text[offset:offset + n]
-        if len(tokens) < n:
-            raise SystemExit(f"offset {offset}: the reference text has only {len(text)} tokens")
+        tokens = text_stretch(text, offset, n)
         first, targets, ref = kld_reference(tokens, n_score, threads)
         for m in methods:
             lp, cells, _ = method_logprobs(m, tokens, first, threads)

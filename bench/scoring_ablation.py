@@ -36,7 +36,7 @@ import numpy as np
 from chelsea_gguf import Llama
 from chelsea_gguf.cluster import KEYWORD_FIELDS, default_options
 
-from common import FULL, RESULTS, provenance, reference_text, write_json
+from common import FULL, RESULTS, provenance, reference_text, text_stretch, write_json
 from haystacks import BANDS, build_items
 from methods import Chelsea, Method
 from quality_kld import method_logprobs, score
@@ -134,9 +134,7 @@ def kld(ratio: float, configs: list[str], threads: int, tag: str | None = None,
     path = RESULTS / "scoring_ablation_kld.json"
     data = json.loads(path.read_text()) if path.exists() else {"meta": {}, "rows": []}
     for offset in offsets:
-        tokens = text[offset:offset + n]
-        if len(tokens) < n:
-            raise SystemExit(f"--offsets {offset}: the reference text has only {len(text)} tokens")
+        tokens = text_stretch(text, offset, n, "--offsets")
         first = n - n_score - 1
         targets = np.array(tokens[first + 1:], dtype=np.int64)
         ref, _, _ = method_logprobs(FULL, tokens, first, threads)
