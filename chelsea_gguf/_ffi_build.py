@@ -256,6 +256,7 @@ struct chelsea_kv_cluster_params {
     float    attn_weight;
     int32_t  attn_window;
     bool     lookahead;
+    float    attn_top;
 };
 struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);
 int32_t chelsea_kv_cluster_params_check(const struct chelsea_kv_cluster_params * params, char * err, size_t err_len);

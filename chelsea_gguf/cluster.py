@@ -86,6 +86,10 @@ class ClusterOptions:
                               "again after the text fed so far before chunks that merge, so that merging while the "
                               "prompt is fed keeps what its end asks for",
                               "--kv-no-lookahead", "merge while a prompt is fed without reading its end first")
+    attn_top: float = _option("attn_top", "with attn_weight, when the prompt's own end scores a compression, only the "
+                              "attn_top x R x (mergeable cells) cells each head attends most keep their score, so "
+                              "that a document read before its questions keeps its distinctive cells; in [0, 1], "
+                              "0: every cell keeps it", "--kv-attn-top")
 
     def validated(self, label: Callable[["OptionSpec"], str] | None = None) -> "ClusterOptions":
         """Self if every option is valid, else ValueError naming the option as `label` calls it (default: its

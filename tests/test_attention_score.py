@@ -56,7 +56,9 @@ def test_attention_score_is_on_by_default(model_path: Path) -> None:
     """On by default (what measured best: bench/results/scoring_ablation.md), and the defaults build the same graph
     as the weight given."""
     assert ClusterOptions().attn_weight == 0.25 and ClusterOptions().attn_window == 16
-    assert run(model_path)[1] == run(model_path, kv_cluster_attn_weight=0.25, kv_cluster_attn_window=16)[1]
+    assert ClusterOptions().attn_top == 0.0
+    assert run(model_path)[1] == run(model_path, kv_cluster_attn_weight=0.25, kv_cluster_attn_window=16,
+                                     kv_cluster_attn_top=0.0)[1]
 
 
 @pytest.mark.parametrize("options", [ATTN,
@@ -65,6 +67,17 @@ def test_attention_score_is_on_by_default(model_path: Path) -> None:
                                      {**ATTN, "kv_cluster_attn_window": 1}])
 def test_attention_score_merges_other_cells_to_the_same_budget(model_path: Path, without_score, options) -> None:
     assert_other_merges_same_budget(without_score, run(model_path, **options))
+
+
+def test_attn_top_changes_which_cells_keep_the_score(model_path: Path, without_score) -> None:
+    """attn_top lets only the cells each head attends most keep their score once the prompt is in: other merges than
+    with every cell scored (attn_top 0) or with a wider cut, each to the same budget."""
+    few = run(model_path, **ATTN, kv_cluster_attn_top=0.1)
+    wide = run(model_path, **ATTN, kv_cluster_attn_top=1.0)
+    every = run(model_path, **ATTN, kv_cluster_attn_top=0.0)
+    for scored in (few, wide, every):
+        assert_other_merges_same_budget(without_score, scored)
+    assert few[1] != wide[1] and few[1] != every[1] and wide[1] != every[1]
 
 
 def test_queries_are_kept_beside_the_cache_only_when_asked(model_path: Path) -> None:
@@ -115,6 +128,8 @@ def test_a_narrower_window_loads_the_newest_queries(model_path: Path) -> None:
 @pytest.mark.parametrize("options, message", [
     ({"kv_cluster_attn_weight": -1.0}, "kv_cluster_attn_weight: -1 is out of range"),
     ({"kv_cluster_attn_window": 0}, "kv_cluster_attn_window: 0 is out of range (must be in 1 .. 512)"),
+    ({"kv_cluster_attn_top": 1.5}, "kv_cluster_attn_top: 1.5 is out of range (must be in 0 .. 1)"),
+    ({"kv_cluster_attn_top": -0.1}, "kv_cluster_attn_top: -0.1 is out of range (must be in 0 .. 1)"),
     ({"kv_cluster_attn_window": 513}, "kv_cluster_attn_window: 513 is out of range (must be in 1 .. 512)"),
 ])
 def test_bad_attention_options_are_named(model_path: Path, options, message) -> None:

@@ -92,6 +92,13 @@ struct chelsea_kv_cluster_params {
     bool    lookahead;       // with attn_weight: keep a second window for the queries of a prompt's end read ahead of
                              // the prompt (chelsea_kv_cluster_read_ahead), which the room made for the prompt's chunks
                              // reads while the prompt is fed; default true
+    float   attn_top;        // in [0, 1]: when the prompt's own last queries score a pass (not the read-ahead ones),
+                             // only the attn_top x R x (the pass's mergeable cells) cells each head attends most keep
+                             // their attention score, about attn_top of what a compression to budget keeps there. A
+                             // document's own end pays tens of uniform shares to many spans, and scoring them all
+                             // would keep them in place of the distinctive cells later questions need; 0: every
+                             // cell keeps its score (default: 0.1 traded in-prompt needles, most on Gemma, for
+                             // these)
 };
 
 LLAMA_API struct chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void);

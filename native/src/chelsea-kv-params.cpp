@@ -63,6 +63,9 @@ std::string chelsea_params_problem(const chelsea_kv_cluster_params & p) {
     if (!(p.attn_weight >= 0.0f && p.attn_weight <= 100.0f)) {
         return out_of_range("attn_weight", p.attn_weight, "in 0 .. 100");
     }
+    if (!(p.attn_top >= 0.0f && p.attn_top <= 1.0f)) {
+        return out_of_range("attn_top", p.attn_top, "in 0 .. 1");
+    }
     if (p.attn_window < 1 || p.attn_window > CHELSEA_MAX_ATTN_WINDOW) {
         return out_of_range("attn_window", p.attn_window, ("in 1 .. " + std::to_string(CHELSEA_MAX_ATTN_WINDOW)).c_str());
     }
@@ -101,6 +104,7 @@ chelsea_kv_cluster_params chelsea_kv_cluster_default_params(void) {
     p.attn_weight     = 0.25f;
     p.attn_window     = 16;
     p.lookahead       = true;
+    p.attn_top        = 0.0f;
     return p;
 }
 

@@ -254,7 +254,16 @@ ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, 
     if (q != nullptr) {
         // a needle the question asks for draws tens of uniform shares in the heads that read it: tanh(a/4) saturates
         // there, while the text around it (about one share) stays near 0.25
-        ggml_tensor * a = ggml_tanh(ctx, ggml_scale(ctx, attention_share(ctx, k, q, q_scale, n_head, pass), 0.25f));
+        ggml_tensor * share = attention_share(ctx, k, q, q_scale, n_head, pass);
+        ggml_tensor * a = ggml_tanh(ctx, ggml_scale(ctx, share, 0.25f));
+        if (pass.attn_top > 0 && pass.attn_top < (uint32_t) n_region) {
+            // ranked before tanh, which ties every saturated span: a step at the attn_top-th largest share of each head
+            ggml_tensor * order = ggml_argsort(ctx, share, GGML_SORT_ORDER_DESC);
+            ggml_tensor * nth = ggml_cont(ctx, ggml_view_2d(ctx, order, 1, n_head, order->nb[1], (pass.attn_top - 1)*order->nb[0]));
+            ggml_tensor * least = ggml_get_rows(ctx, ggml_reshape_3d(ctx, share, 1, n_region, n_head), nth);
+            least = ggml_scale(ctx, ggml_reshape_2d(ctx, least, 1, n_head), 1.0f - 1e-6f);
+            a = ggml_mul(ctx, a, ggml_step(ctx, ggml_sub(ctx, share, least)));
+        }
         ggml_tensor * asked = ggml_scale(ctx, pair_max(ctx, a, rows), p.attn_weight);
         penalty = penalty ? ggml_add(ctx, penalty, asked) : asked;
     }
@@ -566,8 +575,13 @@ bool llama_kv_cache::chelsea_compress_seq(llama_context * lctx, llama_seq_id seq
         const uint32_t n_cand   = n_region / 2;
         // room for a prompt chunk that needs less than a pass may take the whole pass, down to the budget
         const uint32_t most = !prompt_in && passes == 0 ? n - budget : n - target;
+        // the prompt's own end (a document's, when its questions come later) pays many spans tens of shares: only a
+        // head's most attended cells keep the score. The read-ahead end, when merging while the prompt is fed, is
+        // scored in full: those merges must keep whatever its question reads
+        const uint32_t attn_top = q_rows > 0 && !q_lookahead && p.attn_top > 0.0f ?
+                std::max(1u, (uint32_t) (p.attn_top*p.ratio*(float) n_region)) : 0;
         const chelsea_pass pass = { strm, packed ? std::vector<uint32_t>() : idx, n, c0, n_region,
-                                    pass_size(n - target, most, n_cand, p.pass_fraction), q_rows, q_lookahead };
+                                    pass_size(n - target, most, n_cand, p.pass_fraction), q_rows, q_lookahead, attn_top };
         const int64_t nonfinite = chelsea_run_pass(lctx, pass);
         if (nonfinite < 0) {
             LLAMA_LOG_ERROR("%s: seq %d: compression pass failed\n", __func__, seq_id);

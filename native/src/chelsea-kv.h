@@ -121,6 +121,7 @@ struct chelsea_pass {
     uint32_t n_remove; // cells the pass removes
     uint32_t q_rows;   // the sequence's last prompt queries the attention score reads (0: none)
     bool q_lookahead;  // those queries are the read-ahead ones (chelsea_kv_state::lookahead)
+    uint32_t attn_top; // cells per KV head that keep their attention score, those it attends most (0: all)
 };
 
 // "" if params follow the rules, else a message that starts with the offending field's name ("chunk: ...")
