@@ -519,11 +519,10 @@ class Llama:
         try:
             t0 = time.perf_counter()
             kept = self._reuse_prefix(prompt_tokens)
+            # no compression to budget here: the first token is sampled from the prompt's logits, which no
+            # compression changes, and generating keeps the cache within budget + interval (the prompt's last
+            # queries still rank those merges). A prompt that ends past that is compressed at the first step
             self.eval(prompt_tokens[kept:])
-            if self.kv_cluster_options is not None:
-                # compress once after the prompt, so that generation starts within budget (and its timing
-                # does not include this pass)
-                lib.chelsea_kv_cluster_compress(self._ctx, 0)
             if sampler.uses_history:
                 for t in prompt_tokens[-64:]:
                     sampler.accept(t)
