@@ -77,6 +77,11 @@ def gguf_path(arg: str | None) -> Path:
         return DEFAULT_GGUF
 
 
+def model_name(path: Path) -> str:
+    """How the results name the model of `path`: the default's name, else the file's."""
+    return MODEL_NAME if path.resolve() == gguf_path(None).resolve() else path.name
+
+
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -193,7 +198,7 @@ def export_tokens(args: argparse.Namespace) -> int:
         return llm.tokenize(text)
     items = build_items(lambda t: len(tok(t)), parse_lengths(args.lengths), args.quick, parse_depths(args.depths))
     records = tokenized(items, tok)
-    meta = provenance(" ".join(["python3", "bench/kvpress_compare.py"] + sys.argv[1:]), model=MODEL_NAME,
+    meta = provenance(" ".join(["python3", "bench/kvpress_compare.py"] + sys.argv[1:]), model=model_name(path),
                       gguf=str(path), tokenizer="llama.cpp (chelsea_gguf.Llama.tokenize, add_bos as the GGUF says)")
     write_json(Path(args.export_tokens), {"meta": meta, "items": records})
     print(f"{args.export_tokens}: {len(records)} items, "
@@ -210,6 +215,11 @@ def run_chelsea(args: argparse.Namespace) -> int:
     """Full cache and Chelsea at each kept share on llama.cpp, on the exported token ids."""
     from common import FULL, chelsea, new_session, open_method
     data = load_tokens(Path(args.tokens))
+    path = gguf_path(args.gguf)
+    exported = data["meta"].get("gguf")
+    if exported and Path(exported).name != path.name:
+        raise SystemExit(f"--tokens {args.tokens}: token ids of {Path(exported).name}, but --gguf is {path.name} "
+                         f"(pass --gguf {exported})")
     records = select(spread(data["items"]), args.limit)
     ratios = [float(r) for r in args.ratios.split(",")]
     from scoring_ablation import chelsea_with
@@ -218,7 +228,7 @@ def run_chelsea(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     out = Path(args.out).with_name(Path(args.out).stem + ".chelsea.json") if args.out else RESULTS / "kvpress_compare.chelsea.json"
     t_start = time.time()
-    meta = provenance(" ".join(["python3", "bench/kvpress_compare.py"] + sys.argv[1:]), model=MODEL_NAME,
+    meta = provenance(" ".join(["python3", "bench/kvpress_compare.py"] + sys.argv[1:]), model=model_name(path),
                       tokens_file=args.tokens, tokens_meta=data["meta"], threads=args.threads, n_gen=args.max_new_tokens,
                       ratios=ratios, side="llama.cpp (this project)", protocol=args.protocol, n_ctx=args.ctx,
                       config=args.config)
@@ -229,7 +239,7 @@ def run_chelsea(args: argparse.Namespace) -> int:
         for m in methods:
             n_ctx = args.ctx or len(ids) + args.max_new_tokens + 16
             t0 = time.perf_counter()
-            with open_method(m, n_ctx, n_threads=args.threads) as llm:
+            with open_method(m, n_ctx, str(path), n_threads=args.threads) as llm:
                 with new_session(llm, m, n_ctx) as s:
                     t1 = time.perf_counter()
                     if args.protocol == "compress-then-ask":
