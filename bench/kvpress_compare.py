@@ -646,7 +646,8 @@ def write_report(kv_path: Path = RESULTS / "kvpress_compare.json", merge: list[P
     summaries.sort(key=lambda s: (-s["keep"], order.get(s["method"], 99), s["side"]))
     kinds = sorted({k for s in summaries for k in s["kinds"]})
     hays = sorted({k for s in summaries for k in s["hays"]})
-    lines = ["# kvpress side by side (SmolLM2-135M-Instruct Q4_1, plain completion, same token ids)", ""]
+    model = ((kv or ch or {}).get("meta") or {}).get("model") or MODEL_NAME
+    lines = [f"# kvpress side by side ({model}, plain completion, same token ids)", ""]
     if kv:
         m = kv["meta"]
         tc = m.get("tokens_checked", {})
