@@ -236,6 +236,24 @@ def test_prompt_chunks_merge_only_the_room_they_lack(model_path: Path) -> None:
         assert generating["cells"] <= math.ceil(ratio * fed["tokens"]) + 1
 
 
+def test_the_first_token_waits_for_no_compression(model_path: Path) -> None:
+    """A completion samples its first token from the prompt's logits, with the cells the prompt left (no pass before
+    it); its first step brings a cache over budget + interval to budget."""
+    ratio = 0.25
+    with Llama(str(model_path), n_ctx=4096, n_batch=256, verbose=False, kv_cluster=True,
+               kv_cluster_ratio=ratio) as llm:
+        tokens = llm.tokenize("Notes on the weather. " + FILLER * 140)
+        first = llm.create_completion(tokens, max_tokens=1, temperature=0.0)
+        fed = llm.kv_cluster_stats()
+        assert first["usage"]["completion_tokens"] == 1 and fed["tokens"] == len(tokens)
+        assert fed["cells"] > math.ceil(ratio * fed["tokens"]) + 256  # as the prompt left them
+        llm.create_completion(tokens + llm.tokenize(first["choices"][0]["text"], add_bos=False), max_tokens=4,
+                              temperature=0.0)
+        generating = llm.kv_cluster_stats()
+        assert generating["tokens"] > fed["tokens"]
+        assert generating["cells"] <= math.ceil(ratio * generating["tokens"]) + 4
+
+
 @pytest.mark.parametrize(("kwargs", "needle"), [
     ({"kv_cluster_ratio": 0.0}, "kv_cluster_ratio"),
     ({"kv_cluster_ratio": 1.5}, "kv_cluster_ratio"),
