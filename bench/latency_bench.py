@@ -12,10 +12,10 @@ reference text, ``common.document_tokens``) from an empty cache: ``Llama.reset()
 previous round's prompt is reused (each row checks that all `depth` prompt tokens were evaluated). Time to first
 token is the wall clock from starting the prompt until ``Llama.generate_tokens`` yields its first token: the
 prompt in chunks of 256 and Chelsea's compressions between chunks (since 2026-12-07 ``Llama`` brings the cache to
-budget while generating, with the interval's compressions, not before the first token). Decode tok/s covers the `--n-gen` greedy tokens from the first to the last, every online compression
-included; end to end is prompt plus all of them. ``generate_tokens`` stops at an end-of-generation token and
-has no option to ignore it, so a run that meets one feeds the EOS token and goes on (counted in
-``eos_restarts``). Clustering milliseconds
+budget while generating, with the interval's compressions, not before the first token). Decode tok/s covers the
+`--n-gen` greedy tokens from the first to the last, every online compression included; end to end is prompt plus
+all of them. ``generate_tokens`` stops at an end-of-generation token and has no option to ignore it, so a run that
+meets one feeds the EOS token and goes on (counted in ``eos_restarts``). Clustering milliseconds
 (``kv_cluster_stats()["time_ms"]``) are split into before the first token and during decode.
 
 ``limit`` is the full f16 cache decoding with as many cells, on average, as Chelsea R = 0.2 held while it decoded
