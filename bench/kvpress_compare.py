@@ -231,8 +231,12 @@ def run_chelsea(args: argparse.Namespace) -> int:
     meta = provenance(" ".join(["python3", "bench/kvpress_compare.py"] + sys.argv[1:]), model=model_name(path),
                       tokens_file=args.tokens, tokens_meta=data["meta"], threads=args.threads, n_gen=args.max_new_tokens,
                       ratios=ratios, side="llama.cpp (this project)", protocol=args.protocol, n_ctx=args.ctx,
-                      config=args.config)
-    label = CHELSEA_LABELS[args.protocol] + (f" ({args.config})" if args.config else "")
+                      config=args.config, reread=args.reread)
+    if args.reread and args.protocol != "compress-then-ask":
+        raise SystemExit("--reread: only with --protocol compress-then-ask (a re-read ranks a compression made before "
+                         "the question is read)")
+    settings = ([args.config] if args.config else []) + (["reread"] if args.reread else [])
+    label = CHELSEA_LABELS[args.protocol] + (f" ({', '.join(settings)})" if settings else "")
     for rec in records:
         item = make_item(rec["fields"])
         ids = rec["context_ids"] + rec["question_ids"]
@@ -244,8 +248,13 @@ def run_chelsea(args: argparse.Namespace) -> int:
                     t1 = time.perf_counter()
                     if args.protocol == "compress-then-ask":
                         # as kvpress: the context alone is read and compressed, then the question is read
-                        s.feed(rec["context_ids"])
-                        s.settle()
+                        if args.reread and m.kind != "full":
+                            llm.eval(rec["context_ids"])
+                            llm.kv_cluster_compress(reread=True)
+                            s.n_past = s.n_fed = len(rec["context_ids"])
+                        else:
+                            s.feed(rec["context_ids"])
+                            s.settle()
                         gen = s.greedy(rec["question_ids"], args.max_new_tokens)
                     else:
                         gen = s.greedy(ids, args.max_new_tokens)
@@ -715,6 +724,8 @@ def main() -> int:
     ap.add_argument("--protocol", choices=sorted(CHELSEA_LABELS), default="compress-then-ask",
                     help="--chelsea: compress the context before the question is read (as kvpress), or feed both as "
                          "one prompt")
+    ap.add_argument("--reread", action="store_true",
+                    help="--chelsea, compress-then-ask: compress the context with kv_cluster_compress(reread=True)")
     ap.add_argument("--config", help="--chelsea: clustering options as scoring_ablation.py takes them (attn=0,...)")
     ap.add_argument("--no-full", action="store_true", help="--chelsea: leave out the full cache (already run)")
     ap.add_argument("--ctx", type=int, help="--chelsea: one logical context size for every item (e.g. 16384: the "

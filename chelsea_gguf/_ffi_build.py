@@ -280,6 +280,11 @@ int32_t chelsea_kv_cluster_seq_stats_get(const struct llama_context * ctx, llama
                                          struct chelsea_kv_cluster_seq_stats * out);
 int32_t chelsea_kv_cluster_cell_positions(const struct llama_context * ctx, llama_seq_id seq_id, llama_pos * out,
                                           int32_t n_max);
+int32_t chelsea_kv_cluster_reread(struct llama_context * ctx, llama_seq_id seq_id, int32_t n_rows);
+int32_t chelsea_kv_cluster_reread_queries(const struct llama_context * ctx, llama_seq_id seq_id, int32_t layer,
+                                          float * out, int32_t n_max, int32_t * n_embd_q, float * kq_scale);
+int32_t chelsea_kv_cluster_compress_ranked(struct llama_context * ctx, llama_seq_id seq_id, const float * importance,
+                                           int32_t n_pos, float weight);
 int32_t chelsea_kv_cluster_sizes(const struct llama_context * ctx, llama_seq_id seq_id, int32_t layer, float * out,
                                  int32_t n_cells);
 int32_t chelsea_kv_keys(const struct llama_context * ctx, llama_seq_id seq_id, int32_t layer, float * out,

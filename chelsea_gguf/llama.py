@@ -20,6 +20,7 @@ from chelsea_gguf.kv_memory import KVLayout, KVMemoryPlan, measure_kv_layout, pa
 from chelsea_gguf.models import resolve_model
 from chelsea_gguf.options import parse_context_size, parse_flash_attn, parse_kv_type, parse_tensor_split, \
     require_float, require_int
+from chelsea_gguf.reread import compress_reread
 from chelsea_gguf.sampling import DEFAULT_SEED, Sampler, SamplingParams
 from chelsea_gguf.text import StopScanner
 
@@ -706,10 +707,17 @@ class Llama:
 
     kv_cluster_stats.__doc__ = cluster.kv_cluster_stats.__doc__
 
-    def kv_cluster_compress(self) -> int:
-        """Compress sequence 0 down to its budget now; returns the cells removed."""
+    def kv_cluster_compress(self, reread: bool = False) -> int:
+        """Compress sequence 0 down to its budget now; returns the cells removed.
+
+        With ``reread=True`` the merges keep what the model attends to while it reads the context again after a
+        request to repeat it (KVzip's signal, ``chelsea_gguf.reread``): for a document compressed before its
+        questions are known, which the default ranking keeps poorly. It costs about one more reading of the context,
+        which must be uncompressed, with free cells for a chunk of it (about 470 by default)."""
         self._require_open()
         cluster.require_clustering(self.kv_cluster_options)
+        if reread:
+            return compress_reread(self)
         return int(lib.chelsea_kv_cluster_compress(self._ctx, 0))
 
 

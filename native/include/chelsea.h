@@ -157,6 +157,35 @@ LLAMA_API int32_t chelsea_kv_cluster_cell_positions(
         llama_pos * out,
         int32_t n_max);
 
+// Scoring cells by reading the text again (KVzip's signal). With n_rows > 0 (at most n_ubatch), every later prompt
+// ubatch of seq_id keeps its last n_rows queries per cache layer for chelsea_kv_cluster_reread_queries, and not in
+// the attention window of attn_weight; 0 stops that and frees them. One sequence at a time. Returns 0, or -1.
+LLAMA_API int32_t chelsea_kv_cluster_reread(struct llama_context * ctx, llama_seq_id seq_id, int32_t n_rows);
+
+// The queries the last re-read ubatch of seq_id kept in cache layer `layer` (0-based among layers with K/V), as
+// out[r*n_embd_q + j] for row r (oldest first), copied when they fit in n_max floats; *n_embd_q and *kq_scale (the
+// scale attention multiplied their dot products with keys by) are set when not NULL. Returns the rows, or -1.
+LLAMA_API int32_t chelsea_kv_cluster_reread_queries(
+        const struct llama_context * ctx,
+        llama_seq_id seq_id,
+        int32_t layer,
+        float * out,
+        int32_t n_max,
+        int32_t * n_embd_q,
+        float * kq_scale);
+
+// Compresses seq_id to its budget now, as chelsea_kv_cluster_compress, with merges ranked by an importance per
+// position: importance[p] in [0, 1] for the token at position p < n_pos (cells of later positions have 0), the
+// same in every layer and KV head. A pair's score is lowered by weight x the larger importance of its two cells, in
+// place of the attention score of attn_weight; a merged cell has its cells' size-weighted mean for the passes
+// after. Returns the cells removed, or -1 (bad arguments, or no memory for the importance).
+LLAMA_API int32_t chelsea_kv_cluster_compress_ranked(
+        struct llama_context * ctx,
+        llama_seq_id seq_id,
+        const float * importance,
+        int32_t n_pos,
+        float weight);
+
 // Inspection: cluster sizes of cache layer `layer` (0-based among layers with K/V), stream of seq_id,
 // as out[h*n_cells + c] for KV head h and cell c < n_cells. Returns n_head_kv, or -1.
 LLAMA_API int32_t chelsea_kv_cluster_sizes(

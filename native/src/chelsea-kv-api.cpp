@@ -178,6 +178,69 @@ int32_t chelsea_kv_cluster_sizes(const llama_context * ctx, llama_seq_id seq_id,
     return (int32_t) s->ne[1];
 }
 
+int32_t chelsea_kv_cluster_reread(llama_context * ctx, llama_seq_id seq_id, int32_t n_rows) {
+    llama_kv_cache * kv = clustered_cache(ctx, seq_id);
+    if (kv == nullptr || n_rows < 0 || (uint32_t) n_rows > llama_n_ubatch(ctx)) {
+        return -1;
+    }
+    auto & st = *kv->chelsea;
+    if (st.reread_window.seq >= 0 && st.reread_window.seq != seq_id) {
+        return -1;
+    }
+    if (n_rows == 0 && st.reread_window.seq < 0) {
+        return 0;
+    }
+    // in update(), as a read-ahead: llama.cpp then rebuilds the graphs that copy the queries, with or without it
+    st.reread_request = { seq_id, (uint32_t) n_rows, -1 };
+    st.between_batches = true;
+    ctx->memory_update(false);
+    st.between_batches = false;
+    st.reread_request = chelsea_query_window();
+    return (n_rows > 0) == (st.reread_window.seq == seq_id) ? 0 : -1;
+}
+
+int32_t chelsea_kv_cluster_reread_queries(const llama_context * ctx, llama_seq_id seq_id, int32_t layer, float * out,
+        int32_t n_max, int32_t * n_embd_q, float * kq_scale) {
+    const llama_kv_cache * kv = clustered_cache(ctx, seq_id);
+    if (kv == nullptr || kv->chelsea->reread_window.seq != seq_id || layer < 0 ||
+        (size_t) layer >= kv->chelsea->reread.size()) {
+        return -1;
+    }
+    const auto & st = *kv->chelsea;
+    const ggml_tensor * q = st.reread[layer];
+    if (n_embd_q != nullptr) {
+        *n_embd_q = (int32_t) q->ne[0];
+    }
+    if (kq_scale != nullptr) {
+        *kq_scale = st.reread_scale[layer];
+    }
+    const int32_t rows = (int32_t) st.reread_window.rows;
+    if (out != nullptr && rows > 0 && (int64_t) rows*q->ne[0] <= n_max) {
+        ggml_backend_tensor_get(q, out, 0, rows*q->nb[1]);
+    }
+    return rows;
+}
+
+int32_t chelsea_kv_cluster_compress_ranked(llama_context * ctx, llama_seq_id seq_id, const float * importance,
+        int32_t n_pos, float weight) {
+    llama_kv_cache * kv = clustered_cache(ctx, seq_id);
+    if (kv == nullptr || (importance == nullptr && n_pos > 0) || n_pos < 0 || !(weight >= 0.0f && weight <= 100.0f)) {
+        return -1;
+    }
+    for (int32_t i = 0; i < n_pos; ++i) {
+        if (!(importance[i] >= 0.0f && importance[i] <= 1.0f)) {
+            return -1;
+        }
+    }
+    auto & st = *kv->chelsea;
+    if (!chelsea_set_importance(st, kv->get_cells(seq_id), kv->get_stream(seq_id), seq_id, importance, n_pos, weight)) {
+        return -1;
+    }
+    const int32_t removed = chelsea_kv_cluster_compress(ctx, seq_id);
+    chelsea_drop_importance(st);
+    return removed;
+}
+
 int32_t chelsea_kv_cluster_queries(const llama_context * ctx, llama_seq_id seq_id, int32_t layer, bool read_ahead,
         float * out, int32_t n_max, int32_t * n_embd_q) {
     const llama_kv_cache * kv = clustered_cache(ctx, seq_id);

@@ -222,12 +222,13 @@ ggml_tensor * attention_share(ggml_context * ctx, ggml_tensor * k, ggml_tensor *
 // the match result with each candidate's score lowered by distinct_weight * max(distinctiveness of A, of its B),
 // size_weight * tanh(log size of A) (below 0: raised by -size_weight * max(tanh(log size) of A, of its B)),
 // value_weight * the pair's value distance and attn_weight * max(tanh(a/4) of A, of its B) for the attention share a
-// that q (the last prompt queries, if any) pay, then divided by 1 + the weights' sizes:
+// that q (the last prompt queries, if any) pay, imp_weight * max(imp of A, of B) for a ranked compression's importance
+// imp (in [0, 1], if any), then divided by 1 + the weights' sizes:
 // the same order of merges as those penalties give, with scores kept in [-1, 1] so that the no-candidate and
 // non-finite marks below stay apart
 ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, ggml_tensor * v, bool v_trans,
-        ggml_tensor * log_sizes, ggml_tensor * q, float q_scale, const chelsea_kv_cluster_params & p,
-        const chelsea_pass & pass) {
+        ggml_tensor * log_sizes, ggml_tensor * q, float q_scale, ggml_tensor * imp, float imp_weight,
+        const chelsea_kv_cluster_params & p, const chelsea_pass & pass) {
     const int64_t n_region = m->ne[0], n_head = m->ne[1];
     ggml_tensor * score = ggml_view_2d(ctx, m, n_region, n_head, m->nb[1], 0);
     ggml_tensor * index = ggml_view_2d(ctx, m, n_region, n_head, m->nb[1], m->nb[2]);
@@ -267,12 +268,18 @@ ggml_tensor * weigh_match(ggml_context * ctx, ggml_tensor * m, ggml_tensor * k, 
         ggml_tensor * asked = ggml_scale(ctx, pair_max(ctx, a, rows), p.attn_weight);
         penalty = penalty ? ggml_add(ctx, penalty, asked) : asked;
     }
+    if (imp != nullptr) {
+        ggml_tensor * ir = ggml_cont(ctx, ggml_view_2d(ctx, imp, n_region, n_head, imp->nb[1], pass.c0*imp->nb[0]));
+        ggml_tensor * kept = ggml_scale(ctx, pair_max(ctx, ir, rows), imp_weight);
+        penalty = penalty ? ggml_add(ctx, penalty, kept) : kept;
+    }
     if (penalty == nullptr) {
         return m;
     }
     // 1 for candidates (scores in [-1, 1]), 0 for the marks GGML_CHELSEA_NO_SCORE and GGML_CHELSEA_NONFINITE
     ggml_tensor * candidate = ggml_step(ctx, ggml_scale_bias(ctx, score, 1.0f, 1.5f));
-    const float norm = 1.0f/(1.0f + p.distinct_weight + std::fabs(p.size_weight) + p.value_weight + (q ? p.attn_weight : 0.0f));
+    const float norm = 1.0f/(1.0f + p.distinct_weight + std::fabs(p.size_weight) + p.value_weight + (q ? p.attn_weight : 0.0f) +
+            (imp ? imp_weight : 0.0f));
     ggml_tensor * weighed = ggml_scale(ctx, ggml_sub(ctx, score, penalty), norm);
     // marks stay as they were: candidate*weighed + (1 - candidate)*score
     weighed = ggml_add(ctx, score, ggml_mul(ctx, candidate, ggml_sub(ctx, weighed, score)));
@@ -322,8 +329,10 @@ ggml_tensor * build_layer_pass(ggml_context * ctx, ggml_cgraph * gf, pass_span &
         q = ggml_view_2d(ctx, w, w->ne[0], pass.q_rows, w->nb[1], pass.strm*w->nb[2] + (w->ne[1] - pass.q_rows)*w->nb[1]);
         q_scale = st.queries_scale[ikv];
     }
-    if (!p.random_pairs && (p.distinct_weight > 0.0f || p.size_weight != 0.0f || p.value_weight > 0.0f || q)) {
-        m = weigh_match(ctx, m, k, vv, v_trans, span.cols(st.log_sizes[ikv], n_head_kv, pass.n), q, q_scale, p, pass);
+    ggml_tensor * imp = st.importance.empty() ? nullptr : span.cols(st.importance[ikv], n_head_kv, pass.n);
+    if (!p.random_pairs && (p.distinct_weight > 0.0f || p.size_weight != 0.0f || p.value_weight > 0.0f || q || imp)) {
+        m = weigh_match(ctx, m, k, vv, v_trans, span.cols(st.log_sizes[ikv], n_head_kv, pass.n), q, q_scale, imp,
+                st.importance_weight, p, pass);
     }
     ggml_tensor * plan = ggml_chelsea_plan(ctx, m, sizes, c0, n_remove);
 
@@ -337,6 +346,10 @@ ggml_tensor * build_layer_pass(ggml_context * ctx, ggml_cgraph * gf, pass_span &
     ggml_tensor * sizes_new = ggml_view_2d(ctx, plan, pass.n, n_head_kv, plan->nb[1], 2*plan->nb[2]);
     ggml_build_forward_expand(gf, span.set_cols(s, sizes_new));
     ggml_build_forward_expand(gf, span.set_cols(st.log_sizes[ikv], ggml_log(ctx, sizes_new)));
+    if (imp) {
+        // a centroid's importance is its cells' size-weighted mean, as its key is, for the passes after this one
+        ggml_build_forward_expand(gf, span.set_cols(st.importance[ikv], ggml_chelsea_merge(ctx, imp, plan, n_remove, 0)));
+    }
     return nonfinite;
 }
 
@@ -453,7 +466,7 @@ bool llama_kv_cache::chelsea_pending() const {
             return true;
         }
     }
-    return false;
+    return chelsea->reread_request.seq >= 0;
 }
 
 bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize) {
@@ -498,15 +511,27 @@ bool llama_kv_cache::chelsea_schedule(const llama_context * lctx, bool optimize)
 
 bool llama_kv_cache::chelsea_update(llama_context * lctx) {
     bool changed = false;
+    auto & st = *chelsea;
+    if (st.reread_request.seq >= 0) {
+        // here llama.cpp then rebuilds the decoding graphs, which copy a re-read's queries while it lasts
+        std::vector<ggml_backend_buffer_type_t> bufts;
+        std::vector<std::array<int64_t, 3>> shapes;
+        for (const auto & layer : layers) {
+            bufts.push_back(ggml_backend_buffer_get_type(layer.k->buffer));
+            shapes.push_back({ (int64_t) hparams.n_embd_head_k(layer.il)*hparams.n_head(layer.il), st.reread_request.rows, 1 });
+        }
+        chelsea_switch_reread(st, bufts, shapes);
+        st.reread_request = chelsea_query_window();
+    }
     // a graph of its own runs here, where llama.cpp knows the scheduler is being used between decodes
-    for (auto & req : chelsea->read_ahead_requests) {
+    for (auto & req : st.read_ahead_requests) {
         if (req.seq >= 0) {
             changed = chelsea_read_ahead(lctx, req.seq, req.pos_max) > 0 || changed;
             req = chelsea_query_window();
         }
     }
     for (uint32_t s = 0; s < n_seq_max; ++s) {
-        auto & seq = chelsea->seqs[s];
+        auto & seq = st.seqs[s];
         if (seq.pending) {
             seq.pending = seq.forced = false;
             changed = chelsea_compress_seq(lctx, (llama_seq_id) s) || changed;
@@ -560,7 +585,8 @@ bool llama_kv_cache::chelsea_compress_seq(llama_context * lctx, llama_seq_id seq
     // read ahead of it, if any
     uint32_t q_rows = 0;
     bool q_lookahead = false;
-    if (p.attn_weight > 0.0f && !st.queries.empty()) {
+    // a ranked compression's importance stands in for the attention score
+    if (p.attn_weight > 0.0f && !st.queries.empty() && st.importance.empty()) {
         if (prompt_in && st.query_windows[strm].seq == seq_id) {
             q_rows = st.query_windows[strm].rows;
         } else if (!prompt_in && !st.lookahead.empty() && st.lookahead_windows[strm].seq == seq_id) {

@@ -21,8 +21,10 @@
 #include <map>
 
 bool chelsea_kv_state::keeps_queries(const llama_ubatch & ubatch) const {
-    // a generated token is not a question: the window keeps the prompt's, for the compressions while generating
-    return !queries.empty() && params.attn_weight > 0.0f && ubatch.n_tokens > 1 && ubatch.n_seqs_unq == 1;
+    // a generated token is not a question: the window keeps the prompt's, for the compressions while generating. A
+    // re-read is not one either: it asks for the text back
+    return !queries.empty() && params.attn_weight > 0.0f && ubatch.n_tokens > 1 && ubatch.n_seqs_unq == 1 &&
+        !rereads(ubatch);
 }
 
 bool llama_kv_cache::chelsea_alloc_queries(std::string & err) {
@@ -83,6 +85,10 @@ void llama_kv_cache::chelsea_note_ubatch(const llama_ubatch & ubatch) {
                 }
             }
         }
+    }
+    if (st.rereads(ubatch)) {
+        chelsea_note_reread(st, ubatch);
+        return;
     }
     if (!st.keeps_queries(ubatch)) {
         return;
@@ -175,23 +181,28 @@ int32_t llama_kv_cache::chelsea_read_ahead(llama_context * lctx, llama_seq_id se
 ggml_tensor * llama_kv_cache::chelsea_keep_queries(ggml_context * ctx, ggml_tensor * q, float kq_scale, int32_t il,
         const llama_ubatch & ubatch) const {
     auto & st = *chelsea; // the KQ scale is only known here
-    if (!st.keeps_queries(ubatch)) {
+    const bool reread = st.rereads(ubatch);
+    if (!reread && !st.keeps_queries(ubatch)) {
         return nullptr;
     }
     const int32_t ikv = map_layer_ids.at(il);
-    ggml_tensor * window = st.queries[ikv];
+    ggml_tensor * window = reread ? st.reread[ikv] : st.queries[ikv];
     const int64_t n_embd_q = q->ne[0]*q->ne[1], n_tokens = q->ne[2];
     if (n_embd_q != window->ne[0]) {
         return nullptr;
     }
-    st.queries_scale[ikv] = kq_scale;
+    (reread ? st.reread_scale : st.queries_scale)[ikv] = kq_scale;
 
     const int64_t n_window = window->ne[1];
     const int64_t n_new    = std::min(n_window, n_tokens);
-    const uint32_t strm    = seq_to_stream[ubatch.seq_id_unq[0]];
+    // a re-read's tensors hold one ubatch, from row 0, of one sequence
+    const uint32_t strm    = reread ? 0 : seq_to_stream[ubatch.seq_id_unq[0]];
     ggml_tensor * q_new = ggml_view_3d(ctx, q, q->ne[0], q->ne[1], n_new, q->nb[1], q->nb[2], (n_tokens - n_new)*q->nb[2]);
     q_new = q_new->type == GGML_TYPE_F32 ? ggml_cont(ctx, q_new) : ggml_cast(ctx, q_new, GGML_TYPE_F32);
     q_new = ggml_reshape_2d(ctx, q_new, n_embd_q, n_new);
+    if (reread) {
+        return ggml_cpy(ctx, q_new, ggml_view_2d(ctx, window, n_embd_q, n_new, window->nb[1], 0));
+    }
     if (n_new < n_window) {
         // the older queries move up by n_new rows; the concat is a copy, read before the window is written
         ggml_tensor * older = ggml_view_2d(ctx, window, n_embd_q, n_window - n_new, window->nb[1],

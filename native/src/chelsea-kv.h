@@ -6,6 +6,7 @@
 //   chelsea-kv-hooks.cpp   llama_kv_cache hooks: enable, clear, seq_rm/cp/keep/add/div, the attention bias
 //   chelsea-kv-pass.cpp    compression: when it is due, the passes over a sequence, each pass's graph
 //   chelsea-kv-queries.cpp the last prompt queries a pass's attention score reads (params.attn_weight)
+//   chelsea-kv-reread.cpp  a re-read's queries, and the importance a ranked compression merges by
 //   chelsea-kv-io.cpp      state save/load of cluster sizes and merge bookkeeping
 //   chelsea-kv-api.cpp     the C API of chelsea.h for clustering
 #pragma once
@@ -15,6 +16,7 @@
 #include "ggml-cpp.h"
 #include "llama.h"
 
+#include <array>
 #include <random>
 #include <string>
 #include <utility>
@@ -83,6 +85,21 @@ struct chelsea_kv_state {
     std::vector<chelsea_query_window> read_ahead_requests;
     bool state_has_queries = false; // the state being read carries each stream's queries (llama_kv_cache::state_read)
 
+    // chelsea_kv_cluster_reread: while a sequence's text is read again to score its cells, per cache layer the queries
+    // of its last prompt ubatch (its newest reread_window.rows, from row 0), f32 [n_embd_head_k*n_head, rows], in
+    // place of the attention window. Allocated and freed in update() (reread_request), where llama.cpp then rebuilds
+    // the decoding graphs that copy into them
+    std::vector<ggml_tensor *> reread;
+    std::vector<float> reread_scale;         // per cache layer: the KQ scale attention used them with
+    chelsea_query_window reread_window;      // seq -1: no re-read
+    chelsea_query_window reread_request;     // seq >= 0: update() starts a re-read of `rows` rows, or stops one (0)
+    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> reread_bufs;
+    // chelsea_kv_cluster_compress_ranked: for that call, per cache layer an importance per cell and KV head, f32
+    // [kv_size, n_head_kv, n_stream], which ranks merges in place of the attention score (empty: none)
+    std::vector<ggml_tensor *> importance;
+    float importance_weight = 0.0f;
+    std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> importance_bufs;
+
     std::vector<chelsea_seq_state> seqs; // LLAMA_MAX_SEQ entries
 
     bool any_merged = false; // some cell holds a centroid: attention needs the log-size bias
@@ -98,6 +115,8 @@ struct chelsea_kv_state {
 
     // a prompt chunk's queries go into `queries`: one sequence's chunk of more than one token, attn_weight on
     bool keeps_queries(const llama_ubatch & ubatch) const;
+    // a prompt chunk's queries go into `reread` instead: a chunk of more than one token of the re-read sequence
+    bool rereads(const llama_ubatch & ubatch) const;
 
     size_t sizes_bytes() const;
 
@@ -132,6 +151,25 @@ uint32_t chelsea_target_cells(const chelsea_kv_cluster_params & params, int64_t 
 
 // the newest cells a compression that keeps `kept` cells, the first n_protected of them sinks, leaves exact
 uint32_t chelsea_recent_cells(const chelsea_kv_cluster_params & params, uint32_t kept, uint32_t n_protected);
+
+// one f32 tensor per shape, shapes[i] in a buffer of type bufts[i], named `name`_l<i>; appended to `out`, their buffers
+// to `bufs`. False, with nothing appended, if a buffer cannot be allocated
+bool chelsea_alloc_f32(const std::vector<ggml_backend_buffer_type_t> & bufts, const std::vector<std::array<int64_t, 3>> & shapes,
+        const char * name, std::vector<ggml_tensor *> & out, std::vector<std::pair<ggml_context_ptr, ggml_backend_buffer_ptr>> & bufs);
+
+class llama_kv_cells;
+
+// update() starts or stops the re-read reread_request asks for: tensors of the given shapes per cache layer, on
+// bufts (chelsea-kv-reread.cpp)
+void chelsea_switch_reread(chelsea_kv_state & st, const std::vector<ggml_backend_buffer_type_t> & bufts,
+        const std::vector<std::array<int64_t, 3>> & shapes);
+// apply() of a re-read's ubatch: its queries are the ones `reread` holds
+void chelsea_note_reread(chelsea_kv_state & st, const llama_ubatch & ubatch);
+// the importance of chelsea_kv_cluster_compress_ranked, by position, onto seq_id's cells of stream strm; false if it
+// cannot be allocated
+bool chelsea_set_importance(chelsea_kv_state & st, const llama_kv_cells & cells, uint32_t strm, llama_seq_id seq_id,
+        const float * importance, int32_t n_pos, float weight);
+void chelsea_drop_importance(chelsea_kv_state & st);
 
 class llama_io_write_i;
 class llama_io_read_i;
