@@ -632,7 +632,8 @@ def retrieval_rows(path: Path) -> dict[str, Any] | None:
     return {"meta": meta, "rows": rows} if rows else None
 
 
-def write_report(kv_path: Path = RESULTS / "kvpress_compare.json", merge: list[Path] | None = None) -> Path:
+def write_report(kv_path: Path = RESULTS / "kvpress_compare.json", merge: list[Path] | None = None,
+                 title: str = "kvpress side by side") -> Path:
     """The table of both sides: kv_path (kvpress rows, with those of `merge` that it lacks: another run's
     presses on the same items) and the Chelsea rows beside it."""
     ch_path = kv_path.with_name(kv_path.stem + ".chelsea.json")
@@ -656,7 +657,7 @@ def write_report(kv_path: Path = RESULTS / "kvpress_compare.json", merge: list[P
     kinds = sorted({k for s in summaries for k in s["kinds"]})
     hays = sorted({k for s in summaries for k in s["hays"]})
     model = ((kv or ch or {}).get("meta") or {}).get("model") or MODEL_NAME
-    lines = [f"# kvpress side by side ({model}, plain completion, same token ids)", ""]
+    lines = [f"# {title} ({model}, plain completion, same token ids)", ""]
     if kv:
         m = kv["meta"]
         tc = m.get("tokens_checked", {})

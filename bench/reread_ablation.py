@@ -106,7 +106,7 @@ def main() -> int:
                 print(json.dumps(rows[-1]), flush=True)
             meta["wall_s"] = round(time.time() - t_start, 1)
             write_json(rows_path, {"meta": meta, "rows": rows})
-    write_report(out)
+    write_report(out, title="Re-read ranking ablation, needles asked after their document")
     return 0
 
 
