@@ -30,7 +30,7 @@ from kvpress_compare import gguf_path, load_tokens, make_item, model_name, row_f
 from provenance import provenance  # noqa: E402
 
 from chelsea_gguf import Llama  # noqa: E402
-from chelsea_gguf.reread import compress_ranked, reread_scores  # noqa: E402
+from chelsea_gguf.reread import Document, compress_ranked, reread_scores  # noqa: E402
 
 
 def ranks(scores: np.ndarray) -> np.ndarray:
@@ -89,12 +89,12 @@ def main() -> int:
             llm.eval(rec["context_ids"])
             state = llm.save_state()
             t1 = time.perf_counter()
-            scores = reread_scores(llm)
+            scores = reread_scores(Document.of(llm))
             t_reread = time.perf_counter() - t1
             for name, (importance, weight) in variants.items():
                 llm.load_state(state)
                 t2 = time.perf_counter()
-                compress_ranked(llm, importance(scores), weight)
+                compress_ranked(Document.of(llm), importance(scores), weight)
                 out_text = llm.create_completion(rec["context_ids"] + rec["question_ids"],
                                                  max_tokens=args.max_new_tokens, temperature=0.0)
                 text = out_text["choices"][0]["text"]

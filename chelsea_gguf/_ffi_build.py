@@ -149,6 +149,7 @@ int32_t llama_model_n_ctx_train(const struct llama_model * model);
 int32_t llama_model_n_swa(const struct llama_model * model);
 int32_t llama_model_n_embd(const struct llama_model * model);
 int32_t llama_model_n_layer(const struct llama_model * model);
+const struct llama_model * llama_get_model(const struct llama_context * ctx);
 int32_t llama_model_n_head(const struct llama_model * model);
 int32_t llama_model_n_head_kv(const struct llama_model * model);
 int32_t llama_model_meta_val_str(const struct llama_model * model, const char * key, char * buf, size_t buf_size);

@@ -29,9 +29,10 @@ import numpy as np
 
 from chelsea_gguf import cluster, lookahead
 from chelsea_gguf._lib import ffi, lib, library_dir, take_back_log
+from chelsea_gguf.reread import Document, compress_reread
 
 __all__ = ["LLAMA_CPP_PYTHON_VERSION", "CompatError", "install", "set_cluster_defaults", "kv_cluster_stats",
-           "llama_cpp_library"]
+           "kv_cluster_compress", "llama_cpp_library"]
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 INSTALL_COMMAND = ('CMAKE_ARGS="-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF" '
@@ -159,6 +160,19 @@ kv_cluster_stats.__doc__ = f"Of a ``llama_cpp.Llama`` (also ``llm.kv_cluster_sta
                            f"{cluster.kv_cluster_stats.__doc__}"
 
 
+def kv_cluster_compress(llm: Any, reread: bool = False) -> int:
+    """Of a ``llama_cpp.Llama`` (also ``llm.kv_cluster_compress()``): compress sequence 0 to its budget now, with
+    ``reread=True`` ranking the merges by a re-read of its text (``chelsea_gguf.Llama.kv_cluster_compress``);
+    returns the cells removed."""
+    cluster.require_clustering(getattr(llm, "kv_cluster_options", None))
+    ctx = _context_pointer(llm)
+    if reread:
+        doc = Document(ctx, [int(t) for t in llm.input_ids[:llm.n_tokens]], int(llm.token_bos()),
+                       lambda text: list(llm.tokenize(text.encode(), add_bos=False, special=False)))
+        return compress_reread(doc)
+    return int(lib.chelsea_kv_cluster_compress(ctx, 0))
+
+
 def _patch_llama_class(cls: type) -> None:
     if getattr(cls, "_chelsea_patched", False):
         return
@@ -243,6 +257,7 @@ def _patch_llama_class(cls: type) -> None:
     cls.__getstate__ = __getstate__
     cls.eval = eval
     cls.kv_cluster_stats = kv_cluster_stats
+    cls.kv_cluster_compress = kv_cluster_compress
     cls._chelsea_patched = True
 
 

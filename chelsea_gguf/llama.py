@@ -20,7 +20,7 @@ from chelsea_gguf.kv_memory import KVLayout, KVMemoryPlan, measure_kv_layout, pa
 from chelsea_gguf.models import resolve_model
 from chelsea_gguf.options import parse_context_size, parse_flash_attn, parse_kv_type, parse_tensor_split, \
     require_float, require_int
-from chelsea_gguf.reread import compress_reread
+from chelsea_gguf.reread import Document, compress_reread
 from chelsea_gguf.sampling import DEFAULT_SEED, Sampler, SamplingParams
 from chelsea_gguf.text import StopScanner
 
@@ -717,7 +717,7 @@ class Llama:
         self._require_open()
         cluster.require_clustering(self.kv_cluster_options)
         if reread:
-            return compress_reread(self)
+            return compress_reread(Document.of(self))
         return int(lib.chelsea_kv_cluster_compress(self._ctx, 0))
 
 

@@ -18,16 +18,14 @@ asked after their document at R = 0.2 (bench/reread_ablation.py): SmolLM2-135M k
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from chelsea_gguf._lib import ffi, lib
 from chelsea_gguf.cluster import cell_positions, read_stats
-
-if TYPE_CHECKING:
-    from chelsea_gguf.llama import Llama
 
 # KVzip's prompts: the first chunk is asked for from the start, each later one from the OVERLAP tokens before it
 REPEAT_FIRST = "\n\nRepeat the previous context exactly.\n"
@@ -43,43 +41,60 @@ WEIGHT = 0.25
 MIN_CHUNK_TOKENS = 32
 
 
-def compress_reread(llm: "Llama", weight: float = WEIGHT, chunk_tokens: int = CHUNK_TOKENS) -> int:
+@dataclass(frozen=True)
+class Document:
+    """Sequence 0 of a context, as a re-read sees it: ``chelsea_gguf.Llama`` and the llama-cpp-python drop-in each
+    make one (``Llama.kv_cluster_compress``, ``chelsea_gguf.compat.kv_cluster_compress``)."""
+
+    ctx: Any                                 # struct llama_context *
+    tokens: Sequence[int]                    # the sequence's tokens, at positions 0..
+    bos: int                                 # the model's BOS token
+    tokenize: Callable[[str], list[int]]     # text to token ids, without a BOS
+
+    @classmethod
+    def of(cls, llm: Any) -> "Document":
+        """Of a ``chelsea_gguf.Llama``."""
+        return cls(llm.ctx, list(llm.input_ids), llm.token_bos(), lambda text: llm.tokenize(text, add_bos=False))
+
+
+def compress_reread(doc: Document, weight: float = WEIGHT, chunk_tokens: int = CHUNK_TOKENS) -> int:
     """Score the cells of sequence 0 by a re-read of its tokens (:func:`reread_scores`), then compress it to budget
     ranking merges by the scores' ranks (:func:`compress_ranked`); returns the cells removed."""
-    scores = reread_scores(llm, chunk_tokens)
+    scores = reread_scores(doc, chunk_tokens)
     if scores.size == 0:
         return 0
     # ranks: what matters is which cells the re-read needs more, not by how much (one needle draws hundreds of times
     # the attention of another in some heads)
     ranks = scores.argsort(kind="stable").argsort().astype(np.float32) / max(1, scores.size - 1)
-    return compress_ranked(llm, ranks, weight)
+    return compress_ranked(doc, ranks, weight)
 
 
-def reread_scores(llm: "Llama", chunk_tokens: int = CHUNK_TOKENS) -> np.ndarray:
+def reread_scores(doc: Document, chunk_tokens: int = CHUNK_TOKENS) -> np.ndarray:
     """Per position of sequence 0, the most attention a re-read of its tokens pays the position's cell in any cache
     layer and KV head (the first N_SINK: 1). The context must hold its tokens uncompressed, with room after them for a
     chunk and its prompt; it is left as it was, but for the logits of the last token."""
-    tokens = list(llm.input_ids)
+    tokens = list(doc.tokens)
     n_doc = len(tokens)
     if n_doc == 0:
         return np.zeros(0, dtype=np.float32)
-    ctx = llm.ctx
+    ctx = doc.ctx
     stats = read_stats(ctx)
     if stats.cells != n_doc:
         raise ValueError(f"kv_cluster_compress(reread=True): the context is already compressed ({stats.cells} cells "
                          f"hold {stats.tokens} tokens); a re-read scores a document fed whole, before any merge: give "
                          f"it a context whose cells hold the document and a chunk (n_ctx, kv_cluster_ratio)")
-    first = llm.tokenize(REPEAT_FIRST, add_bos=False)
-    later = llm.tokenize(REPEAT_LATER, add_bos=False)
-    newline = llm.tokenize("\n", add_bos=False)
+    first = doc.tokenize(REPEAT_FIRST)
+    later = doc.tokenize(REPEAT_LATER)
+    newline = doc.tokenize("\n")
     overhead = max(len(first), len(later) + OVERLAP + len(newline))
-    room = min(llm.n_cells() - n_doc, int(lib.llama_n_ubatch(ctx)))
+    n_cells = int(lib.llama_n_ctx(ctx))
+    room = min(n_cells - n_doc, int(lib.llama_n_ubatch(ctx)))
     chunk_tokens = min(chunk_tokens, room - overhead)
     if chunk_tokens < MIN_CHUNK_TOKENS:
-        raise ValueError(f"kv_cluster_compress(reread=True): {llm.n_cells() - n_doc} free cells after the "
+        raise ValueError(f"kv_cluster_compress(reread=True): {n_cells - n_doc} free cells after the "
                          f"{n_doc} tokens (n_ubatch {lib.llama_n_ubatch(ctx)}); a re-read needs "
                          f"{overhead + MIN_CHUNK_TOKENS} at least: give the context more cells (n_ctx)")
-    body_start = 1 if tokens[0] == llm.token_bos() else 0
+    body_start = 1 if tokens[0] == doc.bos else 0
     if lib.chelsea_kv_cluster_reread(ctx, 0, chunk_tokens + overhead) != 0:
         raise RuntimeError("kv_cluster_compress(reread=True): the re-read's query buffers could not be allocated")
     memory = lib.llama_get_memory(ctx)
@@ -89,7 +104,7 @@ def reread_scores(llm: "Llama", chunk_tokens: int = CHUNK_TOKENS) -> np.ndarray:
         for c0 in range(body_start, n_doc, chunk_tokens):
             c1 = min(n_doc, c0 + chunk_tokens)
             prompt = first if c0 == body_start else later + tokens[c0 - OVERLAP:c0] + newline
-            best[c0:c1] = np.maximum(best[c0:c1], _read_chunk(llm, prompt + tokens[c0:c1], c0, c1))
+            best[c0:c1] = np.maximum(best[c0:c1], _read_chunk(ctx, n_doc, prompt + tokens[c0:c1], c0, c1))
             lib.llama_memory_seq_rm(memory, 0, n_doc, -1)
     finally:
         lib.chelsea_kv_cluster_reread(ctx, 0, 0)
@@ -97,37 +112,34 @@ def reread_scores(llm: "Llama", chunk_tokens: int = CHUNK_TOKENS) -> np.ndarray:
     return best
 
 
-def compress_ranked(llm: "Llama", importance: np.ndarray, weight: float = WEIGHT) -> int:
+def compress_ranked(doc: Document, importance: np.ndarray, weight: float = WEIGHT) -> int:
     """Compress sequence 0 to budget with merges ranked by importance[p] in [0, 1] of position p
     (``chelsea_kv_cluster_compress_ranked``), then decode its last token again, so that its logits are those of the
     compressed context; returns the cells removed."""
     importance = np.ascontiguousarray(importance, dtype=np.float32)
-    removed = lib.chelsea_kv_cluster_compress_ranked(llm.ctx, 0, ffi.cast("float *", importance.ctypes.data),
+    removed = lib.chelsea_kv_cluster_compress_ranked(doc.ctx, 0, ffi.cast("float *", importance.ctypes.data),
                                                      importance.size, weight)
     if removed < 0:
         raise ValueError(f"compress_ranked: rejected (importance in [0, 1] and weight in [0, 100], got weight "
                          f"{weight}, importance {float(importance.min(initial=0)):g} .. "
                          f"{float(importance.max(initial=0)):g})")
-    if llm.input_ids:
-        _restore_last_logits(llm, list(llm.input_ids))
+    if doc.tokens:
+        _restore_last_logits(doc.ctx, doc.tokens)
     return int(removed)
 
 
-def _read_chunk(llm: "Llama", reread: Sequence[int], c0: int, c1: int) -> np.ndarray:
-    """Decode `reread` after the document and return, for its positions [c0, c1), the most attention the re-read's
-    queries pay each cell in any cache layer and KV head; the caller frees the re-read's cells."""
-    ctx = llm.ctx
-    n_doc = len(llm.input_ids)
-    rc = llm._decode(reread, n_doc, logits_last=False)
-    if rc != 0:
-        raise RuntimeError(f"kv_cluster_compress(reread=True): llama_decode failed with code {rc} at position {n_doc}")
+def _read_chunk(ctx: Any, n_doc: int, reread: Sequence[int], c0: int, c1: int) -> np.ndarray:
+    """Decode `reread` after the n_doc tokens of sequence 0 and return, for positions [c0, c1), the most attention
+    the re-read's queries pay each cell in any cache layer and KV head; the caller frees the re-read's cells."""
+    _decode(ctx, reread, n_doc, logits_last=False)
     cell_of = {p: i for i, p in enumerate(cell_positions(ctx)) if p >= 0}
     sinks = [cell_of[p] for p in range(min(N_SINK, c0))]
     sel = np.array(sinks + [cell_of[p] for p in range(c0, c1)] +
                    [cell_of[p] for p in range(n_doc, n_doc + len(reread))])
     n_pre = len(sel) - len(reread)
-    n_head = int(lib.llama_model_n_head(llm.model))
-    n_head_kv = int(lib.llama_model_n_head_kv(llm.model))
+    model = lib.llama_get_model(ctx)
+    n_head = int(lib.llama_model_n_head(model))
+    n_head_kv = int(lib.llama_model_n_head_kv(model))
     scores = np.zeros(c1 - c0, dtype=np.float32)
     layer = 0
     while (q := _queries(ctx, layer)) is not None:
@@ -180,11 +192,27 @@ def _keys(ctx: object, layer: int, n_cells: int) -> np.ndarray:
     return out
 
 
-def _restore_last_logits(llm: "Llama", tokens: Sequence[int]) -> None:
+def _decode(ctx: Any, tokens: Sequence[int], base: int, logits_last: bool) -> None:
+    """llama_decode of tokens into sequence 0 at positions base..., in one batch of their own."""
+    batch = lib.llama_batch_init(len(tokens), 0, 1)
+    try:
+        for i, tok in enumerate(tokens):
+            batch.token[i] = tok
+            batch.pos[i] = base + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1 if logits_last and i == len(tokens) - 1 else 0
+        batch.n_tokens = len(tokens)
+        rc = lib.llama_decode(ctx, batch)
+    finally:
+        lib.llama_batch_free(batch)
+    if rc != 0:
+        raise RuntimeError(f"kv_cluster_compress(reread=True): llama_decode failed with code {rc} at position {base}")
+
+
+def _restore_last_logits(ctx: Any, tokens: Sequence[int]) -> None:
     """The re-read's decodes replaced the last token's logits: decode it again (it is in the exact recent cells)."""
     n = len(tokens)
-    if not lib.llama_memory_seq_rm(lib.llama_get_memory(llm.ctx), 0, n - 1, -1):
+    if not lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, n - 1, -1):
         raise RuntimeError("kv_cluster_compress(reread=True): the last token's cell could not be read again")
-    rc = llm._decode([tokens[-1]], n - 1, logits_last=True)
-    if rc != 0:
-        raise RuntimeError(f"kv_cluster_compress(reread=True): llama_decode failed with code {rc} at position {n - 1}")
+    _decode(ctx, [tokens[-1]], n - 1, logits_last=True)

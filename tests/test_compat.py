@@ -169,6 +169,34 @@ def test_a_prompt_that_must_merge_is_read_at_its_end_first(model_path: Path) -> 
     assert merged[True] == expected and merged[False] != expected
 
 
+def test_compress_with_a_reread_as_chelsea_gguf_does(model_path: Path) -> None:
+    """llm.kv_cluster_compress(reread=True) on the drop-in merges as chelsea_gguf.Llama's does, and other cells than
+    a plain compression."""
+    from chelsea_gguf import Llama
+    from chelsea_gguf.cluster import cluster_sizes
+
+    from test_merge_ranking import varied_text
+
+    options = dict(n_ctx=4096, kv_cluster=True, kv_cluster_ratio=0.2, n_threads=2)
+    with Llama(str(model_path), verbose=False, **options) as ours:
+        tokens = ours.tokenize(varied_text(45))[:700]
+        ours.eval(tokens)
+        removed = ours.kv_cluster_compress(reread=True)
+        expected = cluster_sizes(ours.ctx, 0, ours.kv_cluster_stats()["cells"])
+    got = {}
+    for reread in (True, False):
+        llm = make(model_path, **options)
+        llm.eval(tokens)
+        assert llm.kv_cluster_compress(reread=reread) == removed
+        got[reread] = cluster_sizes(compat._context_pointer(llm), 0, llm.kv_cluster_stats()["cells"])
+        if reread:
+            assert llm.n_tokens == len(tokens)
+            assert text(llm.create_completion(tokens + llm.tokenize(b" The", add_bos=False), max_tokens=4,
+                                              temperature=0.0))
+        llm.close()
+    assert got[True] == expected and got[False] != expected
+
+
 def test_reset_starts_over(clustered) -> None:
     clustered.reset()
     a = text(clustered(PROMPT, max_tokens=6, temperature=0.0))
