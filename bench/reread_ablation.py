@@ -30,11 +30,7 @@ from kvpress_compare import gguf_path, load_tokens, make_item, model_name, row_f
 from provenance import provenance  # noqa: E402
 
 from chelsea_gguf import Llama  # noqa: E402
-from chelsea_gguf.reread import Document, compress_ranked, reread_scores  # noqa: E402
-
-
-def ranks(scores: np.ndarray) -> np.ndarray:
-    return scores.argsort(kind="stable").argsort().astype(np.float32) / max(1, scores.size - 1)
+from chelsea_gguf.reread import Document, compress_ranked, ranks, reread_scores  # noqa: E402
 
 
 def top_share(share: float) -> Callable[[np.ndarray], np.ndarray]:

@@ -33,8 +33,8 @@ REPEAT_LATER = "\n\nRepeat the part of the previous context exactly, starting wi
 OVERLAP = 8
 # the first cells every re-read softmax includes, as KVzip's subsample does (attention sinks draw much of it)
 N_SINK = 4
-# tokens per chunk, and the weight of the importance in a pair's score: the measured best of 448 with weights
-# 0.25 (24 of 35 needles) and 1 (21 of 35)
+# tokens per chunk (the prototype's), and the weight of the importance in a pair's score: on 35 needles asked after
+# their document, 0.25 and 0.1 keep 25, 0.5 23, 0 17 (bench/results/reread_ablation_63.md)
 CHUNK_TOKENS = 448
 WEIGHT = 0.25
 # the fewest document tokens a chunk may hold when the free cells are short
@@ -63,10 +63,13 @@ def compress_reread(doc: Document, weight: float = WEIGHT, chunk_tokens: int = C
     scores = reread_scores(doc, chunk_tokens)
     if scores.size == 0:
         return 0
-    # ranks: what matters is which cells the re-read needs more, not by how much (one needle draws hundreds of times
-    # the attention of another in some heads)
-    ranks = scores.argsort(kind="stable").argsort().astype(np.float32) / max(1, scores.size - 1)
-    return compress_ranked(doc, ranks, weight)
+    return compress_ranked(doc, ranks(scores), weight)
+
+
+def ranks(scores: np.ndarray) -> np.ndarray:
+    """Each score's rank among them, in [0, 1]: what matters is which cells the re-read needs more, not by how much
+    (one needle draws hundreds of times the attention of another in some heads)."""
+    return scores.argsort(kind="stable").argsort().astype(np.float32) / max(1, scores.size - 1)
 
 
 def reread_scores(doc: Document, chunk_tokens: int = CHUNK_TOKENS) -> np.ndarray:
