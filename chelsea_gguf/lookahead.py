@@ -60,21 +60,27 @@ def refresh(ctx: Any, options: ClusterOptions, tokens: Sequence[int], base: int,
     return _read_end(ctx, list(tokens[-window:]), n_past, base + len(tokens) - window)
 
 
-def _read_end(ctx: Any, ahead: list[int], pos0: int, pos_first: int) -> bool:
-    """Decodes `ahead` into sequence 0 at positions pos0..., keeps the queries of its last attn_window tokens turned
-    to positions pos_first..., and takes its cells back."""
-    batch = lib.llama_batch_init(len(ahead), 0, 1)
+def decode_seq0(ctx: Any, tokens: Sequence[int], pos0: int, logits_last: bool = False) -> int:
+    """llama_decode of tokens into sequence 0 at positions pos0..., in a batch of their own (the readings ahead here
+    and chelsea_gguf.reread's, beside the caller's prompt); its return code."""
+    batch = lib.llama_batch_init(len(tokens), 0, 1)
     try:
-        for i, tok in enumerate(ahead):
+        for i, tok in enumerate(tokens):
             batch.token[i] = tok
             batch.pos[i] = pos0 + i
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = 0
-            batch.logits[i] = 0
-        batch.n_tokens = len(ahead)
-        decoded = lib.llama_decode(ctx, batch) == 0
+            batch.logits[i] = 1 if logits_last and i == len(tokens) - 1 else 0
+        batch.n_tokens = len(tokens)
+        return int(lib.llama_decode(ctx, batch))
     finally:
         lib.llama_batch_free(batch)
+
+
+def _read_end(ctx: Any, ahead: list[int], pos0: int, pos_first: int) -> bool:
+    """Decodes `ahead` into sequence 0 at positions pos0..., keeps the queries of its last attn_window tokens turned
+    to positions pos_first..., and takes its cells back."""
+    decoded = decode_seq0(ctx, ahead, pos0) == 0
     kept = decoded and lib.chelsea_kv_cluster_read_ahead(ctx, 0, pos_first) > 0
     if not lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), 0, pos0, -1):
         raise RuntimeError(f"could not take back the {len(ahead)} tokens read ahead of the prompt at position {pos0}")

@@ -26,6 +26,7 @@ import numpy as np
 
 from chelsea_gguf._lib import ffi, lib
 from chelsea_gguf.cluster import cell_positions, read_stats
+from chelsea_gguf.lookahead import decode_seq0
 
 # KVzip's prompts: the first chunk is asked for from the start, each later one from the OVERLAP tokens before it
 REPEAT_FIRST = "\n\nRepeat the previous context exactly.\n"
@@ -196,19 +197,8 @@ def _keys(ctx: object, layer: int, n_cells: int) -> np.ndarray:
 
 
 def _decode(ctx: Any, tokens: Sequence[int], base: int, logits_last: bool) -> None:
-    """llama_decode of tokens into sequence 0 at positions base..., in one batch of their own."""
-    batch = lib.llama_batch_init(len(tokens), 0, 1)
-    try:
-        for i, tok in enumerate(tokens):
-            batch.token[i] = tok
-            batch.pos[i] = base + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = 1 if logits_last and i == len(tokens) - 1 else 0
-        batch.n_tokens = len(tokens)
-        rc = lib.llama_decode(ctx, batch)
-    finally:
-        lib.llama_batch_free(batch)
+    """decode_seq0, raising if llama_decode fails."""
+    rc = decode_seq0(ctx, tokens, base, logits_last)
     if rc != 0:
         raise RuntimeError(f"kv_cluster_compress(reread=True): llama_decode failed with code {rc} at position {base}")
 

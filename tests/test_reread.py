@@ -4,6 +4,8 @@ and a ranked compression keeps the positions it is told matter. On the real defa
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 from chelsea_gguf import Llama
 from chelsea_gguf._lib import ffi, lib
 from chelsea_gguf.cluster import cell_positions, cluster_sizes
-from chelsea_gguf.reread import _queries, subsample_attention
+from chelsea_gguf.reread import _keys, _queries, subsample_attention
 
 from test_merge_ranking import varied_text
 from test_read_ahead import queries as window_queries
@@ -91,7 +93,6 @@ def test_reread_arguments_are_checked(model_path: Path) -> None:
 
 
 def layer_keys(llm: Llama, layer: int, n_cells: int) -> np.ndarray:
-    from chelsea_gguf.reread import _keys
     return _keys(llm.ctx, layer, n_cells)
 
 
@@ -109,14 +110,21 @@ def exact_share(before: np.ndarray, after: np.ndarray, sizes: list[list[float]],
     return kept / (n_head_kv * len(positions))
 
 
+@contextmanager
+def fed(model_path: Path, n_ctx: int, ratio: float, n_sentences: int, n_tokens: int) -> Iterator[tuple[Llama, list[int]]]:
+    """A clustered context at R = ratio holding the first n_tokens of varied text, uncompressed."""
+    with Llama(str(model_path), n_ctx=n_ctx, n_threads=2, verbose=False, kv_cluster=True,
+               kv_cluster_ratio=ratio) as llm:
+        tokens = llm.tokenize(varied_text(n_sentences))[:n_tokens]
+        llm.eval(tokens)
+        yield llm, tokens
+
+
 def test_a_ranked_compression_keeps_the_positions_that_matter_exact(model_path: Path) -> None:
     span = range(300, 360)
     results = {}
     for ranked in (False, True):
-        with Llama(str(model_path), n_ctx=2048, n_threads=2, verbose=False, kv_cluster=True,
-                   kv_cluster_ratio=0.25) as llm:
-            tokens = llm.tokenize(varied_text(60))[:1000]
-            llm.eval(tokens)
+        with fed(model_path, 2048, 0.25, 60, 1000) as (llm, tokens):
             before = layer_keys(llm, 3, len(tokens))
             if ranked:
                 importance = np.zeros(len(tokens), dtype=np.float32)
@@ -137,10 +145,7 @@ def test_a_ranked_compression_keeps_the_positions_that_matter_exact(model_path: 
 def test_compress_with_a_reread_leaves_the_context_as_a_compression_does(model_path: Path) -> None:
     results = {}
     for reread in (False, True):
-        with Llama(str(model_path), n_ctx=4096, n_threads=2, verbose=False, kv_cluster=True,
-                   kv_cluster_ratio=0.2) as llm:
-            tokens = llm.tokenize(varied_text(45))[:700]
-            llm.eval(tokens)
+        with fed(model_path, 4096, 0.2, 45, 700) as (llm, tokens):
             removed = llm.kv_cluster_compress(reread=reread)
             stats = llm.kv_cluster_stats()
             positions = sorted(p for p in cell_positions(llm.ctx) if p >= 0)
@@ -158,10 +163,7 @@ def test_compress_with_a_reread_leaves_the_context_as_a_compression_does(model_p
 
 
 def test_a_reread_needs_an_uncompressed_context_with_room(model_path: Path) -> None:
-    with Llama(str(model_path), n_ctx=4096, n_threads=2, verbose=False, kv_cluster=True,
-               kv_cluster_ratio=0.2) as llm:
-        tokens = llm.tokenize(varied_text(30))[:500]
-        llm.eval(tokens)
+    with fed(model_path, 4096, 0.2, 30, 500) as (llm, tokens):
         llm.kv_cluster_compress()
         with pytest.raises(ValueError, match="already compressed"):
             llm.kv_cluster_compress(reread=True)
